@@ -1,0 +1,350 @@
+"""Launch a throw-away OpenSSH sshd on 127.0.0.1 for SFTP integration tests.
+
+Logins are limited to two system users, created on demand and kept: ``bsu-sftp`` (password)
+and ``bsu-sftpkey`` (public key only). Every session is forced into ``internal-sftp`` with
+``sftp_root`` as start directory, so relative remote paths resolve inside it. Standalone::
+
+    python -m test_resources.sshd --base-dir DIR [--folder rki ...]
+
+prints one JSON line, writes the same to ``DIR/sshd.json`` and serves until SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import fcntl
+import grp
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Self
+
+GROUP = "bsu-sftp"
+PASSWORD_USER = "bsu-sftp"
+KEY_USER = "bsu-sftpkey"
+PRIVSEP_DIR = Path("/run/sshd")
+STATE_DIR = Path("/run/bsu-sftp-harness")
+PORT_ATTEMPTS = 5
+START_TIMEOUT = 10.0
+FIX_HINT = "run as root after `apt-get install -y openssh-server openssh-sftp-server`"
+
+
+class SshdUnavailable(RuntimeError):
+    """sshd cannot be launched on this machine (missing binaries or not root)."""
+
+
+def _tool(name: str) -> str:
+    """Absolute path of a required system tool, also searching the sbin dirs."""
+    path = shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
+    if path is None:
+        raise SshdUnavailable(f"`{name}` not found; {FIX_HINT}")
+    return os.path.abspath(path)
+
+
+def _run(*args: str, stdin: str | None = None, ok: tuple[int, ...] = (0,)) -> None:
+    """Run a command, raising RuntimeError with its stderr unless its exit code is in ``ok``."""
+    proc = subprocess.run(args, check=False, input=stdin, capture_output=True, text=True)
+    if proc.returncode not in ok:
+        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
+
+
+def _proc_stat(pid: int | str) -> list[str]:
+    """Fields of /proc/PID/stat after the command name: state, ppid, ..."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def _alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie."""
+    try:
+        return _proc_stat(pid)[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _descendants(pid: int) -> list[int]:
+    """Pids of all descendants of ``pid`` (the sshd session processes)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, IndexError):
+            children.setdefault(int(_proc_stat(entry.name)[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _signal(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+class SshdServer:
+    """A real OpenSSH sshd serving SFTP only on 127.0.0.1; use as a context manager.
+
+    ``base_dir`` must stay traversable by the sftp users: keep it out of pytest's ``tmp_path``
+    (pytest resets ``/tmp/pytest-of-<user>`` to 0700 whenever another session starts).
+    """
+
+    host = "127.0.0.1"
+    password_user = PASSWORD_USER
+    key_user = KEY_USER
+
+    def __init__(self, base_dir: Path, folders: tuple[str, ...] = ("rki",)) -> None:
+        self.base_dir = Path(base_dir).absolute()
+        if any(c.isspace() or c in "%\"'" for c in str(self.base_dir)):
+            raise ValueError(f"base_dir must not contain whitespace, quotes or '%': {self.base_dir}")
+        self.folders = tuple(folders)
+        self.sftp_root = self.base_dir / "sftp"
+        self.log_path = self.base_dir / "sshd.log"
+        self.client_key_path = self.base_dir / "client_ed25519"
+        self.port: int | None = None
+        self.password: str | None = None
+        self.host_public_key_line: str | None = None
+        self.host_key_fingerprint: str | None = None
+        self._host_key = self.base_dir / "ssh_host_ed25519_key"
+        self._holder = STATE_DIR / f"holder-{os.getpid()}-{id(self)}"
+        self._proc: subprocess.Popen | None = None
+
+    @staticmethod
+    def check_available() -> None:
+        """Raise SshdUnavailable unless sshd can be launched here."""
+        if os.geteuid() != 0:
+            raise SshdUnavailable(f"the sshd test server creates system users; {FIX_HINT}")
+        for name in ("sshd", "ssh-keygen", "useradd", "groupadd", "chpasswd", "nologin"):
+            _tool(name)
+
+    @property
+    def pid(self) -> int | None:
+        """Pid of the sshd listener while running."""
+        return self._proc.pid if self._proc else None
+
+    def folder(self, name: str) -> Path:
+        """Local path of upload folder ``name`` under sftp_root (created setgid 2775, group bsu-sftp)."""
+        return self._mkdir(name, grp.getgrnam(GROUP).gr_gid, 0o2775)
+
+    def read_only_folder(self, name: str) -> Path:
+        """Local path of a root-owned 0755 folder under sftp_root that the users cannot write to."""
+        return self._mkdir(name, 0, 0o755)
+
+    def _mkdir(self, name: str, gid: int, mode: int) -> Path:
+        rel = Path(name)
+        if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+            raise ValueError(f"folder name must be relative and stay inside sftp_root: {name!r}")
+        path = self.sftp_root / rel
+        path.mkdir(parents=True, exist_ok=True)
+        os.chown(path, 0, gid)
+        path.chmod(mode)
+        return path
+
+    def start(self) -> Self:
+        """Prepare users, keys and config, launch sshd and wait for its SSH banner."""
+        self.check_available()
+        if self._proc is not None:
+            raise RuntimeError("server already started")
+        try:
+            self._prepare()
+            for _ in range(PORT_ATTEMPTS):
+                if self._launch(self._free_port()):
+                    return self
+            raise RuntimeError(f"sshd found no free port in {PORT_ATTEMPTS} attempts; see {self.log_path}")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _prepare(self) -> None:
+        """Create users, passwords, directories, keys and authorized_keys for this launch."""
+        PRIVSEP_DIR.mkdir(mode=0o755, exist_ok=True)
+        _run(_tool("groupadd"), "--system", "--force", GROUP)
+        for user in (PASSWORD_USER, KEY_USER):  # useradd exit code 9: user exists already
+            _run(_tool("useradd"), "--system", "--no-create-home", "--home-dir", "/", "--gid", GROUP,
+                 "--shell", _tool("nologin"), user, ok=(0, 9))
+        self._set_passwords()
+
+        self.base_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        self.sftp_root.mkdir(exist_ok=True)
+        self.sftp_root.chmod(0o755)
+        for parent in self.sftp_root.parents:  # e.g. 0700 mkdtemp dirs: add search permission only
+            if (mode := parent.stat().st_mode) & 0o011 != 0o011:
+                parent.chmod(mode & 0o7777 | 0o011)
+        for name in self.folders:
+            self.folder(name)
+
+        for key in (self._host_key, self.client_key_path):
+            key.unlink(missing_ok=True)
+            key.with_suffix(".pub").unlink(missing_ok=True)
+            _run(_tool("ssh-keygen"), "-t", "ed25519", "-N", "", "-C", "", "-q", "-f", str(key))
+        key_type, blob = self._host_key.with_suffix(".pub").read_text().split()[:2]
+        self.host_public_key_line = f"{key_type} {blob}"
+        digest = hashlib.sha256(base64.b64decode(blob)).digest()
+        self.host_key_fingerprint = "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+        auth_dir = self.base_dir / "authorized_keys"  # read by sshd with the user's privileges
+        auth_dir.mkdir(exist_ok=True)
+        auth_dir.chmod(0o755)
+        (auth_dir / KEY_USER).write_text("restrict " + self.client_key_path.with_suffix(".pub").read_text())
+        (auth_dir / KEY_USER).chmod(0o644)
+
+    def _set_passwords(self) -> None:
+        """chpasswd both users: a new random password, unless another live server's is still in use.
+
+        Both users are machine-wide, so overlapping servers (other sessions, nested fixtures)
+        must share one password; the live ones are tracked by holder files in STATE_DIR.
+        """
+        STATE_DIR.mkdir(mode=0o700, exist_ok=True)
+        with (STATE_DIR / "lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            live = False
+            for holder in STATE_DIR.glob("holder-*"):
+                if _alive(int(holder.name.split("-")[1])):
+                    live = True
+                else:
+                    holder.unlink()
+            secret = STATE_DIR / "password"
+            self.password = secret.read_text() if live and secret.exists() else secrets.token_urlsafe(18)
+            secret.write_text(self.password)
+            accounts = {PASSWORD_USER: self.password, KEY_USER: secrets.token_urlsafe(18)}
+            _run(_tool("chpasswd"), stdin="".join(f"{u}:{p}\n" for u, p in accounts.items()))
+            self._holder.touch()
+
+    def _config(self, port: int) -> str:
+        """sshd_config: SFTP only, two users, VERBOSE log; internal-sftp splits its args on spaces."""
+        return "\n".join([
+            f"ListenAddress {self.host}", f"Port {port}", f"HostKey {self._host_key}", "PidFile none",
+            "UsePAM no", "StrictModes no", "PermitRootLogin no", f"AllowUsers {PASSWORD_USER} {KEY_USER}",
+            "PasswordAuthentication yes", "KbdInteractiveAuthentication no", "PubkeyAuthentication yes",
+            f"AuthorizedKeysFile {self.base_dir}/authorized_keys/%u", "LogLevel VERBOSE",
+            "AllowTcpForwarding no", "AllowAgentForwarding no", "X11Forwarding no", "PermitTTY no",
+            "Subsystem sftp internal-sftp", f"ForceCommand internal-sftp -d {self.sftp_root} -u 0002",
+            f"Match User {KEY_USER}", "    PasswordAuthentication no", "",
+        ])
+
+    def _free_port(self) -> int:
+        with socket.socket() as sock:
+            sock.bind((self.host, 0))
+            return sock.getsockname()[1]
+
+    def _launch(self, port: int) -> bool:
+        """Run sshd on ``port``: False if the port got taken meanwhile, True once it serves."""
+        config = self.base_dir / "sshd_config"
+        config.write_text(self._config(port))
+        sshd = _tool("sshd")
+        _run(sshd, "-t", "-f", str(config))
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        # setpriv (util-linux) makes the kernel SIGTERM sshd should this process die without stop()
+        setpriv = shutil.which("setpriv")
+        guard = [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
+        with self.log_path.open("ab") as log:
+            self._proc = subprocess.Popen([*guard, sshd, "-D", "-e", "-f", str(config)],
+                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            log_text = self.log_path.read_bytes()[offset:].decode(errors="replace")
+            if self._proc.poll() is not None:
+                self._proc = None
+                if "Address already in use" in log_text:
+                    return False
+                raise RuntimeError(f"sshd exited early; tail of {self.log_path}:\n{self.log_tail()}")
+            if f"Server listening on {self.host} port {port}" in log_text and self._banner_ok(port):
+                self.port = port
+                return True
+            time.sleep(0.05)
+        raise RuntimeError(f"sshd not ready after {START_TIMEOUT}s; tail of {self.log_path}:\n{self.log_tail()}")
+
+    def _banner_ok(self, port: int) -> bool:
+        try:
+            with socket.create_connection((self.host, port), timeout=1) as sock:
+                return sock.makefile("rb").readline().startswith(b"SSH-2.0-")
+        except OSError:
+            return False
+
+    def log_tail(self, lines: int = 30) -> str:
+        """Last ``lines`` lines of sshd.log."""
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        """Terminate sshd and its session processes (SIGKILL after 5 s); idempotent."""
+        self._holder.unlink(missing_ok=True)
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        sessions = _descendants(proc.pid)
+        _signal([proc.pid, *sessions], signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        deadline = time.monotonic() + 5
+        while any(map(_alive, sessions)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _signal([pid for pid in sessions if _alive(pid)], signal.SIGKILL)
+
+    def info(self) -> dict[str, object]:
+        """Connection details as a JSON-serialisable dict."""
+        names = ("host", "port", "password_user", "password", "key_user", "client_key_path",
+                 "sftp_root", "host_key_fingerprint", "host_public_key_line")
+        return {name: str(v) if isinstance(v := getattr(self, name), Path) else v for name in names}
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; print and atomically write the connection details as JSON."""
+    parser = argparse.ArgumentParser(prog="python -m test_resources.sshd", description=__doc__.split("\n")[0])
+    parser.add_argument("--base-dir", type=Path, required=True, help="work dir (created 0755 if missing)")
+    parser.add_argument("--folder", action="append", help="upload folder to create (repeatable; default rki)")
+    args = parser.parse_args(argv)
+    for signum in (signal.SIGTERM, signal.SIGINT):  # both -> KeyboardInterrupt (even if SIGINT was ignored)
+        signal.signal(signum, signal.default_int_handler)
+    base = args.base_dir.absolute()
+    if not base.exists():
+        base.mkdir(parents=True)
+        base.chmod(0o755)
+    info_file = base / "sshd.json"
+    info_file.unlink(missing_ok=True)
+    server = SshdServer(base, tuple(args.folder or ("rki",)))
+    try:
+        server.start()
+        line = json.dumps(server.info())
+        with tempfile.NamedTemporaryFile("w", dir=base, prefix=".sshd.json.", delete=False) as tmp:
+            tmp.write(line + "\n")
+        os.replace(tmp.name, info_file)
+        print(line, flush=True)
+        while True:
+            signal.pause()
+    except KeyboardInterrupt:
+        return 0
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
