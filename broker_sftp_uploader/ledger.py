@@ -1,0 +1,159 @@
+"""The XML state ledger (``WORKING_DIR/status.xml``) in the original script's format.
+
+One ``<request-status>`` per request ever uploaded, with ``id``, ``completion``, ``uploaded`` and,
+when they happened, ``last-update`` and ``deleted`` (UTC, ``YYYY-MM-DD HH:MM:SS``). We add one child
+of our own, ``<file>``, the remote file name, which the original ignores. Unknown elements are kept
+as they are, so both tools can go on using the same ledger.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from lxml import etree
+
+from broker_sftp_uploader.atomic import atomic_write
+from broker_sftp_uploader.errors import LedgerError
+
+TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S"
+FORMAT_VERSION = "1"
+
+
+def format_timestamp(moment: datetime) -> str:
+    """UTC timestamp in the ledger's format."""
+    return moment.astimezone(timezone.utc).strftime(TIMESTAMP_FORMAT)
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """What the ledger knows about one request."""
+
+    request_id: str
+    completion: str | None
+    uploaded: str | None
+    last_update: str | None
+    deleted: str | None
+    remote_name: str | None
+
+    @property
+    def is_deleted(self) -> bool:
+        """True when the request's file was deleted from the SFTP server."""
+        return self.deleted is not None
+
+
+def _child_text(element: etree._Element, name: str) -> str | None:
+    child = element.find(name)
+    if child is None:
+        return None
+    return (child.text or "").strip()
+
+
+def _set_child(element: etree._Element, name: str, text: str) -> None:
+    child = element.find(name)
+    if child is None:
+        child = etree.SubElement(element, name)
+    child.text = text
+
+
+class Ledger:
+    """The ledger file in memory; every ``record_*`` call is followed by ``save()`` by the caller."""
+
+    def __init__(self, path: Path, root: etree._Element):
+        self.path = Path(path)
+        self._root = root
+        self._elements: dict[str, etree._Element] = {}
+        for element in root:
+            if not isinstance(element.tag, str) or element.tag != "request-status":
+                continue
+            request_id = _child_text(element, "id") or ""
+            if not request_id.isdigit():
+                raise LedgerError(f"ledger {self.path} has a request-status with an invalid id "
+                                  f"{request_id[:40]!r}; fix or remove that entry")
+            if request_id in self._elements:
+                raise LedgerError(f"ledger {self.path} lists request {request_id} twice; "
+                                  "remove one of the entries")
+            self._elements[request_id] = element
+
+    @classmethod
+    def load(cls, path: Path) -> Ledger:
+        """Read the ledger at ``path``; a missing file is an empty ledger.
+
+        :raises LedgerError: the file cannot be read or is not a ledger.
+        """
+        path = Path(path)
+        parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
+                                 remove_blank_text=True, huge_tree=False)
+        try:
+            with open(path, "rb") as handle:
+                root = etree.parse(handle, parser).getroot()
+        except FileNotFoundError:
+            root = etree.Element("status")
+        except OSError as error:
+            raise LedgerError(f"cannot read ledger {path}: {error.strerror}") from None
+        except etree.XMLSyntaxError as error:
+            raise LedgerError(f"ledger {path} is not valid XML ({error}); restore it from the copy "
+                              "on the SFTP server or move it away to start afresh (re-uploads everything)") from None
+        if root.tag != "status":
+            raise LedgerError(f"ledger {path} has root <{root.tag}>, expected <status>")
+        root.set("version", root.get("version", FORMAT_VERSION))
+        return cls(path, root)
+
+    def entries(self) -> dict[str, LedgerEntry]:
+        """Every request in the ledger by id."""
+        return {request_id: LedgerEntry(
+            request_id=request_id,
+            completion=_child_text(element, "completion"),
+            uploaded=_child_text(element, "uploaded"),
+            last_update=_child_text(element, "last-update"),
+            deleted=_child_text(element, "deleted"),
+            remote_name=_child_text(element, "file"),
+        ) for request_id, element in self._elements.items()}
+
+    def record_upload(self, request_id: str, completion: str, remote_name: str, moment: datetime) -> None:
+        """Note that the request's result was uploaded with ``completion``.
+
+        A new request gets ``uploaded``; a known one gets ``last-update``, and loses ``deleted`` if
+        it was re-listed after a deletion.
+        """
+        stamp = format_timestamp(moment)
+        element = self._elements.get(request_id)
+        if element is None:
+            element = etree.SubElement(self._root, "request-status")
+            etree.SubElement(element, "id").text = request_id
+            etree.SubElement(element, "completion").text = completion
+            etree.SubElement(element, "uploaded").text = stamp
+            self._elements[request_id] = element
+        else:
+            _set_child(element, "completion", completion)
+            _set_child(element, "last-update", stamp)
+            deleted = element.find("deleted")
+            if deleted is not None:
+                element.remove(deleted)
+        _set_child(element, "file", remote_name)
+
+    def record_deletion(self, request_id: str, moment: datetime) -> None:
+        """Note that the request's file was deleted from the SFTP server."""
+        _set_child(self._elements[request_id], "deleted", format_timestamp(moment))
+
+    def to_bytes(self) -> bytes:
+        """The ledger document as written to disk."""
+        return etree.tostring(self._root.getroottree(), pretty_print=True, xml_declaration=True,
+                              encoding="UTF-8")
+
+    def save(self) -> None:
+        """Write the ledger atomically (temp file, fsync, rename), keeping the old file's mode.
+
+        :raises LedgerError: the file cannot be written; the previous ledger is then intact.
+        """
+        try:
+            mode = os.stat(self.path).st_mode & 0o777
+        except FileNotFoundError:
+            mode = 0o644
+        try:
+            with atomic_write(self.path, mode=mode) as handle:
+                handle.write(self.to_bytes())
+        except OSError as error:
+            raise LedgerError(f"cannot save ledger {self.path}: {error.strerror or error}") from None
