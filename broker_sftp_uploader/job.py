@@ -1,0 +1,77 @@
+"""The ``sync`` command's work, from a validated config to a report: lock, key, ledger, broker, SFTP.
+
+Order of the checks decides which failure an operator sees first: config (by the caller), lock,
+key, ledger, broker, SFTP. Nothing is written anywhere before the broker has answered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+
+from broker_sftp_uploader.broker import BrokerClient
+from broker_sftp_uploader.config import Config
+from broker_sftp_uploader.crypto import load_keys
+from broker_sftp_uploader.errors import EXIT_OK, EXIT_PARTIAL
+from broker_sftp_uploader.ledger import Ledger
+from broker_sftp_uploader.lock import RunLock
+from broker_sftp_uploader.sftp import SftpConnection
+from broker_sftp_uploader.sync import Plan, Report, SyncRunner, fetch_listing, plan_sync
+
+logger = logging.getLogger(__name__)
+
+
+def run_sync(config: Config, *, dry_run: bool = False, show: Callable[[str], None] = print) -> Report:
+    """Synchronise the broker's tagged results to the SFTP server as ``config`` says.
+
+    With ``dry_run`` the plan is passed line by line to ``show`` and nothing is changed anywhere
+    (no lock file, no export on the broker, no SFTP connection, no ledger write).
+
+    :raises UploaderError: a failure that stops the whole run (lock, key, ledger, broker, SFTP connect).
+    """
+    lock = contextlib.nullcontext() if dry_run else RunLock(config.working_dir)
+    with lock:
+        key = load_keys(config.key_path)[0]
+        ledger = Ledger.load(config.ledger_path)
+        with BrokerClient(config.broker.url, config.broker.api_key, ca_bundle=config.broker.ca_bundle) as broker:
+            listing = fetch_listing(broker, config.broker.tag)
+            entries = ledger.entries()
+            plan = plan_sync(listing, entries)
+            active = sum(1 for entry in entries.values() if not entry.is_deleted)
+            if not listing and active:
+                logger.warning("the broker lists no request tagged %r, so all %d file(s) recorded in the "
+                               "ledger are deleted from the server; check REQUESTS.TAG if that is wrong",
+                               config.broker.tag, active)
+            sftp = SftpConnection(config.sftp)
+            runner = SyncRunner(broker, sftp, ledger, key, config.working_dir,
+                                upload_ledger=config.sftp.upload_ledger)
+            if dry_run:
+                _show_plan(plan, runner, show)
+                return Report(unchanged=plan.unchanged)
+            if not plan.actions and not (config.sftp.upload_ledger and runner.ledger_needs_upload()):
+                logger.info("nothing to do: %d request(s) unchanged", plan.unchanged)
+                return Report(unchanged=plan.unchanged)
+            with sftp:
+                report = runner.run(plan)
+    logger.info("%s", report.summary())
+    return report
+
+
+def _show_plan(plan: Plan, runner: SyncRunner, show: Callable[[str], None]) -> None:
+    for action in plan.actions:
+        show(f"would {action.describe()}")
+    ledger_note = runner.upload_ledger and (plan.actions or runner.ledger_needs_upload())
+    if ledger_note:
+        show("would upload the ledger as status.xml")
+    if not plan.actions and not ledger_note:
+        show(f"nothing to do: {plan.unchanged} request(s) unchanged")
+
+
+def exit_code_for(report: Report) -> int:
+    """0 when everything worked; 3 when some actions failed and others worked; else the failure's code."""
+    if not report.failures:
+        return EXIT_OK
+    if report.uploaded or report.deleted or report.ledger_uploaded:
+        return EXIT_PARTIAL
+    return report.failures[0][1].exit_code

@@ -1,0 +1,187 @@
+"""One SFTP connection per run (paramiko): atomic uploads and tolerant deletes.
+
+Host keys follow OpenSSH's ``accept-new``: the first contact records the server's key in a
+known_hosts file, and from then on any other key is refused. Uploads go to a hidden temp name and
+are renamed into place, so a receiver never sees a partial file under its final name.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import secrets
+import socket
+from pathlib import Path
+from typing import BinaryIO
+
+import paramiko
+
+from broker_sftp_uploader.atomic import atomic_write
+from broker_sftp_uploader.config import SftpSettings
+from broker_sftp_uploader.errors import SftpError
+
+logger = logging.getLogger(__name__)
+
+
+class _AcceptNewPolicy(paramiko.MissingHostKeyPolicy):
+    """Record an unknown host's key in the known_hosts file (atomically) and accept it."""
+
+    def __init__(self, known_hosts: Path):
+        self.known_hosts = known_hosts
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        host_keys = client.get_host_keys()
+        host_keys.add(hostname, key.get_name(), key)
+        lines = [f"{host} {keytype} {host_key.get_base64()}\n"
+                 for host, keys in host_keys.items() for keytype, host_key in keys.items()]
+        with atomic_write(self.known_hosts, mode=0o644) as handle:
+            handle.write("".join(lines).encode("ascii"))
+        logger.warning("first connection to %s: recorded its %s host key (SHA256:%s) in %s",
+                       hostname, key.get_name(), key.fingerprint.split(":", 1)[-1], self.known_hosts)
+
+
+class SftpConnection:
+    """An open SFTP session on the configured server and folder; use as a context manager."""
+
+    def __init__(self, settings: SftpSettings):
+        self.settings = settings
+        self.folder = settings.folder
+        self._client: paramiko.SSHClient | None = None
+        self._sftp: paramiko.SFTPClient | None = None
+
+    @property
+    def where(self) -> str:
+        return f"{self.settings.username}@{self.settings.host}:{self.settings.port}"
+
+    def connect(self) -> SftpConnection:
+        """Connect, log in with the password and check the remote folder exists.
+
+        :raises SftpError: unreachable, host key changed, login refused, or folder missing.
+        """
+        settings = self.settings
+        client = paramiko.SSHClient()
+        try:
+            if settings.known_hosts.exists():
+                client.load_host_keys(str(settings.known_hosts))
+            client.set_missing_host_key_policy(_AcceptNewPolicy(settings.known_hosts))
+            client.connect(settings.host, port=settings.port, username=settings.username,
+                           password=settings.password, timeout=settings.timeout,
+                           banner_timeout=settings.timeout, auth_timeout=settings.timeout,
+                           channel_timeout=settings.timeout, allow_agent=False, look_for_keys=False)
+            sftp = client.open_sftp()
+            sftp.get_channel().settimeout(settings.timeout)
+        except paramiko.BadHostKeyException:
+            client.close()
+            raise SftpError(f"the host key of {settings.host}:{settings.port} does not match the one recorded "
+                            f"in {settings.known_hosts}; if the server's key really changed, remove its "
+                            "line there") from None
+        except paramiko.AuthenticationException:
+            client.close()
+            raise SftpError(f"SFTP login as {self.where} was refused; check SFTP.USERNAME and "
+                            "SFTP.PASSWORD") from None
+        except (TimeoutError, OSError, paramiko.SSHException, EOFError) as error:
+            client.close()
+            raise SftpError(f"cannot connect to SFTP server {settings.host}:{settings.port}: "
+                            f"{_reason(error)}; check SFTP.HOST and SFTP.PORT") from None
+        self._client, self._sftp = client, sftp
+        try:
+            sftp.stat(self.folder)
+        except OSError as error:
+            self.close()
+            raise SftpError(f"remote folder {self.folder!r} is not usable on {self.where} "
+                            f"({_reason(error)}); create it or fix SFTP.FOLDERNAME") from None
+        logger.info("connected to %s", self.where)
+        return self
+
+    def close(self) -> None:
+        """Close the session (idempotent)."""
+        if self._sftp is not None:
+            self._sftp.close()
+        if self._client is not None:
+            self._client.close()
+        self._sftp = self._client = None
+
+    def __enter__(self) -> SftpConnection:
+        return self.connect()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _remote(self, name: str) -> str:
+        return posixpath.join(self.folder, name)
+
+    def upload(self, source: BinaryIO, name: str, size: int | None = None) -> int:
+        """Upload ``source`` (read to its end) as ``FOLDERNAME/name``, atomically.
+
+        Writes ``.name.part-<random>`` first, checks its size, then renames it over ``name``.
+
+        :returns: the number of bytes uploaded.
+        :raises SftpError: the transfer or the rename failed; the temp file is then removed.
+        """
+        sftp = self._session()
+        final = self._remote(name)
+        temp = self._remote(f".{name}.part-{secrets.token_hex(6)}")
+        try:
+            attributes = sftp.putfo(source, temp, file_size=size or 0, confirm=True)
+            if size is not None and attributes.st_size != size:
+                raise SftpError(f"upload of {name} to {self.where} stored {attributes.st_size} "
+                                f"of {size} bytes")
+            self._rename_over(temp, final)
+        except (OSError, paramiko.SSHException, EOFError) as error:
+            self._discard(temp)
+            raise SftpError(f"upload of {name} to {self.where} failed: {_reason(error)}") from None
+        except BaseException:
+            self._discard(temp)
+            raise
+        logger.debug("uploaded %s (%s bytes)", final, attributes.st_size)
+        return attributes.st_size
+
+    def remove(self, name: str) -> bool:
+        """Delete ``FOLDERNAME/name``; a file that is already gone is fine.
+
+        :returns: whether a file was there to delete.
+        :raises SftpError: the server refused the deletion.
+        """
+        sftp = self._session()
+        try:
+            sftp.remove(self._remote(name))
+        except FileNotFoundError:
+            logger.info("%s was already gone from %s", name, self.where)
+            return False
+        except (OSError, paramiko.SSHException, EOFError) as error:
+            raise SftpError(f"cannot delete {name} on {self.where}: {_reason(error)}") from None
+        return True
+
+    def _session(self) -> paramiko.SFTPClient:
+        if self._sftp is None:
+            raise SftpError(f"not connected to {self.where}")
+        return self._sftp
+
+    def _rename_over(self, temp: str, final: str) -> None:
+        sftp = self._session()
+        try:
+            sftp.posix_rename(temp, final)
+        except (FileNotFoundError, PermissionError):
+            raise
+        except OSError:
+            # Server without posix-rename@openssh.com: plain rename refuses an existing target.
+            try:
+                sftp.remove(final)
+            except FileNotFoundError:
+                pass
+            sftp.rename(temp, final)
+
+    def _discard(self, temp: str) -> None:
+        try:
+            if self._sftp is not None:
+                self._sftp.remove(temp)
+        except (OSError, paramiko.SSHException, EOFError):
+            pass
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, socket.timeout):
+        return "timed out"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error) or error.__class__.__name__
