@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -54,6 +55,15 @@ def _setup_logging(verbosity: int) -> None:
     logging.getLogger("urllib3").setLevel({0: logging.ERROR, 1: logging.WARNING}.get(verbosity, logging.DEBUG))
 
 
+def _interrupt_on_sigterm() -> None:
+    """Treat SIGTERM (cron or systemd stopping us) like Ctrl-C, so temp files are cleaned up."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def _fail(message: str, code: int) -> None:
     click.echo(f"Error: {message}", err=True)
     sys.exit(code)
@@ -97,6 +107,7 @@ def sync(config_path: Path, dry_run: bool, verbose: int) -> None:
     Quiet on success; meant to run from cron.
     """
     _setup_logging(verbose)
+    _interrupt_on_sigterm()
     config = load_config(config_path)
     report = run_sync(config, dry_run=dry_run, show=click.echo)
     code = exit_code_for(report)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 from broker_sftp_uploader.broker import BrokerClient
 from broker_sftp_uploader.config import Config
@@ -17,7 +18,7 @@ from broker_sftp_uploader.errors import EXIT_OK, EXIT_PARTIAL
 from broker_sftp_uploader.ledger import Ledger
 from broker_sftp_uploader.lock import RunLock
 from broker_sftp_uploader.sftp import SftpConnection
-from broker_sftp_uploader.sync import Plan, Report, SyncRunner, fetch_listing, plan_sync
+from broker_sftp_uploader.sync import TEMP_FILE_PREFIX, Plan, Report, SyncRunner, fetch_listing, plan_sync
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,8 @@ def run_sync(config: Config, *, dry_run: bool = False, show: Callable[[str], Non
     """
     lock = contextlib.nullcontext() if dry_run else RunLock(config.working_dir)
     with lock:
+        if not dry_run:
+            remove_stale_temp_files(config.working_dir)
         key = load_keys(config.key_path)[0]
         ledger = Ledger.load(config.ledger_path)
         with BrokerClient(config.broker.url, config.broker.api_key, ca_bundle=config.broker.ca_bundle) as broker:
@@ -56,6 +59,14 @@ def run_sync(config: Config, *, dry_run: bool = False, show: Callable[[str], Non
                 report = runner.run(plan)
     logger.info("%s", report.summary())
     return report
+
+
+def remove_stale_temp_files(working_dir: Path) -> None:
+    """Remove temp files a killed run (SIGKILL, power loss) left behind; only call under the lock."""
+    leftovers = [*working_dir.glob(f"{TEMP_FILE_PREFIX}*.fernet"), *working_dir.glob(".status.xml.*.tmp")]
+    for leftover in leftovers:
+        logger.warning("removing %s, left behind by an interrupted run", leftover)
+        leftover.unlink(missing_ok=True)
 
 
 def _show_plan(plan: Plan, runner: SyncRunner, show: Callable[[str], None]) -> None:

@@ -25,6 +25,7 @@ from broker_sftp_uploader.sftp import SftpConnection
 logger = logging.getLogger(__name__)
 
 LEDGER_REMOTE_NAME = "status.xml"
+TEMP_FILE_PREFIX = ".upload-"
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,7 @@ class SyncRunner:
     def _upload(self, action: Upload) -> None:
         logger.info("%s", action.describe())
         encryptor = StreamEncryptor(self.key)
-        with private_temp_file(self.working_dir, prefix=".upload-", suffix=".fernet") as (handle, _):
+        with private_temp_file(self.working_dir, prefix=TEMP_FILE_PREFIX, suffix=".fernet") as (handle, _):
             download = self.broker.download_result(
                 action.request_id, lambda chunk: handle.write(encryptor.update(chunk)))
             handle.write(encryptor.finalize())

@@ -1,0 +1,123 @@
+"""Shared fixtures: a real OpenSSH sshd, the broker emulator, and a ready uploader workspace."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from broker_sftp_uploader.crypto import generate_key_file
+from test_resources.sshd import SshdServer, SshdUnavailable
+
+ADMIN_KEY = "xxxAdmin1234"
+CLIENT_1 = "xxxApiKey123"
+CLIENT_2 = "xxxApiKey567"
+
+
+@pytest.fixture(scope="session")
+def sshd():
+    """One real sshd for the whole test session; a missing sshd fails under CI=true."""
+    try:
+        SshdServer.check_available()
+    except SshdUnavailable as error:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"sshd is required in CI: {error}")
+        pytest.skip(str(error))
+    base = Path(tempfile.mkdtemp(prefix="bsu-sshd-"))
+    base.chmod(0o755)
+    try:
+        with SshdServer(base) as server:
+            yield server
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def broker(tmp_path):
+    """A fresh broker emulator per test."""
+    from test_resources.broker_emulator import BrokerEmulator
+
+    with BrokerEmulator(data_dir=tmp_path / "broker-data") as emulator:
+        yield emulator
+
+
+@dataclass
+class Workspace:
+    """An uploader set-up: working folder, key, config file, and the remote folder to inspect."""
+
+    root: Path
+    config_path: Path
+    key_path: Path
+    remote: Path
+    config_text: str
+
+    @property
+    def working_dir(self) -> Path:
+        return self.root / "work"
+
+    @property
+    def ledger(self) -> Path:
+        return self.working_dir / "status.xml"
+
+    def rewrite_config(self, old: str, new: str) -> None:
+        assert old in self.config_text
+        self.config_text = self.config_text.replace(old, new)
+        self.config_path.write_text(self.config_text)
+
+    def run(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        """Run the installed CLI as cron would: a separate process."""
+        command = [sys.executable, "-m", "broker_sftp_uploader", *args]
+        return subprocess.run(command, check=False, capture_output=True, text=True, timeout=120, cwd=self.root,
+                              env={**os.environ, **(env or {})})
+
+    def sync(self, *extra: str) -> subprocess.CompletedProcess:
+        return self.run("sync", "--config", str(self.config_path), *extra)
+
+    def pin_host_key(self, sshd) -> None:
+        """Record the server's host key in advance, as an admin pinning it would."""
+        (self.working_dir / "known_hosts").write_text(f"[{sshd.host}]:{sshd.port} {sshd.host_public_key_line}\n")
+
+    def remote_names(self) -> list[str]:
+        return sorted(path.name for path in self.remote.iterdir())
+
+
+@pytest.fixture
+def workspace(tmp_path, sshd, broker, request) -> Workspace:
+    """A config in the original format pointing at this test's broker and its own remote folder."""
+    folder = f"t-{request.node.name[:40]}-{os.urandom(3).hex()}".replace("[", "-").replace("]", "")
+    remote = sshd.folder(folder)
+    (tmp_path / "work").mkdir()
+    key_path = tmp_path / "rki.key"
+    generate_key_file(key_path)
+    text = f"""\
+[BROKER]
+URL = "{broker.url}"
+API_KEY = "{ADMIN_KEY}"
+
+[REQUESTS]
+TAG = "rki"
+
+[SFTP]
+HOST = "{sshd.host}"
+PORT = {sshd.port}
+USERNAME = "{sshd.password_user}"
+PASSWORD = "{sshd.password}"
+TIMEOUT = "10"
+FOLDERNAME = "{folder}"
+
+[SECURITY]
+PATH_ENCRYPTION_KEY = "rki.key"
+
+[MISC]
+WORKING_DIR = "work"
+"""
+    config_path = tmp_path / "settings.toml"
+    config_path.write_text(text)
+    return Workspace(root=tmp_path, config_path=config_path, key_path=key_path, remote=remote,
+                     config_text=text)
