@@ -71,8 +71,9 @@ def test_decrypt_to_file_and_stdout(keyed):
 def test_decrypt_refuses_to_overwrite_its_input(keyed):
     root, _, _, encrypted = keyed
     before = encrypted.read_bytes()
-    result = run("decrypt", "-k", "rki.key", str(encrypted), cwd=encrypted.parent)
+    result = run("decrypt", "-k", str(root / "rki.key"), "export_2.zip", cwd=encrypted.parent)
     assert result.returncode == 12
+    assert b"refusing to decrypt export_2.zip onto itself" in result.stderr
     assert encrypted.read_bytes() == before
 
 
