@@ -252,3 +252,16 @@ def test_sync_encrypts_with_the_first_key_of_a_rotated_key_file(broker, workspac
     assert zipfile.is_zipfile(io.BytesIO(Fernet(new_key).decrypt(token)))
     with pytest.raises(InvalidToken):
         Fernet(old_key).decrypt(token)
+
+
+def test_keygen_key_works_for_sync_and_decrypt(broker, workspace):
+    publish_completed(broker, "rki", result=b"x;y\n" * 50_000)
+    workspace.key_path.unlink()
+    assert workspace.run("keygen", str(workspace.key_path)).returncode == 0
+    assert workspace.sync().returncode == 0
+    restored = workspace.root / "restored.zip"
+    result = workspace.run("decrypt", "--key", str(workspace.key_path), "--output", str(restored),
+                           str(workspace.remote / "export_0.zip"))
+    assert result.returncode == 0, result.stderr
+    with zipfile.ZipFile(restored) as bundle:
+        assert bundle.read("0_result.txt") == b"x;y\n" * 50_000
