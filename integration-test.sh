@@ -7,6 +7,9 @@ set -euo pipefail
 
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
+# Run this checkout's code, whatever else is installed.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+bsu() { "$PYTHON" -m broker_sftp_uploader "$@"; }
 ADMIN_KEY="xxxAdmin1234"
 CLIENT_1="xxxApiKey123"
 CLIENT_2="xxxApiKey567"
@@ -69,7 +72,7 @@ echo "   broker $BROKER, sshd 127.0.0.1:$SFTP_PORT"
 
 # --- the uploader's working folder, key and config (the original format, plus SFTP.PORT) ----
 mkdir -p "$WORK/opt"
-broker-sftp-uploader keygen "$WORK/opt/rki.key"
+bsu keygen "$WORK/opt/rki.key"
 cat >"$WORK/opt/settings.toml" <<EOF
 [BROKER]
 URL = "$BROKER"
@@ -111,7 +114,7 @@ submit_result() { # submit_result KEY ID
   expect "PUT result $2" 204 "$(curl -sS -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $1" -H "Content-Type: text/csv" -X PUT -d 'a;b\n1;2\n3;4\n' "$BROKER/aggregator/my/request/$2/result")"
   node_post "$1" "/broker/my/request/$2/status/completed"
 }
-run_uploader() { (cd "$WORK/opt" && broker-sftp-uploader sync -c settings.toml -v) || fail "uploader exited $?"; }
+run_uploader() { (cd "$WORK/opt" && bsu sync -c settings.toml -v) || fail "uploader exited $?"; }
 count_in() { grep -o "<$1>" "$2" | wc -l | tr -d ' '; }
 count_zips() { find "$REMOTE" -maxdepth 1 -name '*.zip' | wc -l | tr -d ' '; }
 
@@ -165,7 +168,7 @@ EOF
 
 step "uploader run 3 without broker changes uploads nothing"
 before=$(stat -c %i.%Y.%s "$REMOTE"/export_*.zip "$REMOTE/status.xml" | sort | md5sum)
-output=$(cd "$WORK/opt" && broker-sftp-uploader sync -c settings.toml 2>&1) || fail "run 3 exited $?"
+output=$(cd "$WORK/opt" && bsu sync -c settings.toml 2>&1) || fail "run 3 exited $?"
 expect "output of a quiet run" "" "$output"
 expect "remote files unchanged" "$before" "$(stat -c %i.%Y.%s "$REMOTE"/export_*.zip "$REMOTE/status.xml" | sort | md5sum)"
 

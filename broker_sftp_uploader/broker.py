@@ -25,7 +25,9 @@ logger = logging.getLogger(__name__)
 NAMESPACE = "http://aktin.org/ns/exchange"
 QUERY_MEDIA_TYPE = "application/vnd.aktin.query.request+xml"
 DOWNLOAD_CHUNK_SIZE = 64 * 1024
-DEFAULT_TIMEOUT = (10.0, 120.0)  # (connect, read) seconds for every call
+# (connect, read) seconds for every call. The broker builds an export bundle before it answers the
+# export call, which for a multi-GiB result takes minutes, hence the generous read timeout.
+DEFAULT_TIMEOUT = (10.0, 300.0)
 
 _REQUEST_ID = re.compile(r"[0-9]{1,18}")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")

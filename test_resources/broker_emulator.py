@@ -45,16 +45,8 @@ DEFAULT_API_KEYS = {
 }
 CHUNK_SIZE = 64 * 1024
 XML, TEXT = "application/xml", "text/plain"
-_STATUS_WORDS = {
-    "retrieved",
-    "interaction",
-    "queued",
-    "processing",
-    "completed",
-    "rejected",
-    "failed",
-    "expired",
-}
+# The words a node may post: every status column but `deleted` (which 3.11 sets).
+_STATUS_WORDS = set(bx.STATUS_COLUMNS) - {"deleted"}
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 log = logging.getLogger(__name__)
 

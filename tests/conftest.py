@@ -18,6 +18,10 @@ from test_resources.sshd import SshdServer, SshdUnavailable
 ADMIN_KEY = "xxxAdmin1234"
 CLIENT_1 = "xxxApiKey123"
 CLIENT_2 = "xxxApiKey567"
+# Child processes (the CLI run as cron runs it) import this checkout's package, whatever copy pip
+# installed elsewhere.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    filter(None, [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture(scope="session")
