@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import requests
@@ -101,12 +99,63 @@ def _parse(document: bytes, what: str) -> etree._Element:
         raise BrokerError(f"broker sent an unreadable {what} (not XML: {error})") from None
 
 
-@dataclass(frozen=True)
-class Download:
-    """What a result download delivered: the safe remote name and the number of bytes."""
+class ResultStream:
+    """A request's result bundle as a readable binary stream, straight from the broker's download.
 
-    remote_name: str
-    size: int
+    ``read`` never returns more than asked plus one network chunk is held. At the end it checks the
+    byte count against Content-Length, so a download cut short raises instead of ending quietly.
+
+    :ivar remote_name: the safe file name for the upload.
+    :ivar size: the announced size in bytes, or None if the broker did not send one.
+    """
+
+    def __init__(self, request_id: str, response: requests.Response):
+        self.request_id = request_id
+        self._response = response
+        encoded = response.headers.get("Content-Encoding", "identity") != "identity"
+        length = response.headers.get("Content-Length", "")
+        self.size = int(length) if length.isdigit() and not encoded else None
+        self.remote_name = safe_remote_name(response.headers.get("Content-Disposition"), request_id)
+        self._chunks = response.iter_content(DOWNLOAD_CHUNK_SIZE)
+        self._buffer = b""
+        self._received = 0
+        self._ended = False
+
+    def read(self, size: int = -1) -> bytes:
+        """Return up to ``size`` bytes (all the rest if negative); ``b""`` at the end.
+
+        :raises BrokerError: the connection broke or the download ended short of Content-Length.
+        """
+        while not self._ended and (size < 0 or len(self._buffer) < size):
+            self._buffer += self._next_chunk()
+        if size < 0:
+            size = len(self._buffer)
+        data, self._buffer = self._buffer[:size], self._buffer[size:]
+        return data
+
+    def _next_chunk(self) -> bytes:
+        try:
+            chunk = next(self._chunks, b"")
+        except requests.exceptions.RequestException as error:
+            raise BrokerError(f"download of request {self.request_id} broke off after {self._received} "
+                              f"bytes ({_reason(error)})") from None
+        if not chunk:
+            self._ended = True
+            if self.size is not None and self._received != self.size:
+                raise BrokerError(f"download of request {self.request_id} is incomplete: "
+                                  f"got {self._received} of {self.size} bytes")
+        self._received += len(chunk)
+        return chunk
+
+    def close(self) -> None:
+        """Release the connection."""
+        self._response.close()
+
+    def __enter__(self) -> ResultStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 class BrokerClient:
@@ -188,35 +237,17 @@ class BrokerClient:
         response = self._call("GET", f"/broker/request/{request_id}/status", "application/xml")
         return parse_completion(response.content)
 
-    def download_result(self, request_id: str, write: Callable[[bytes], object]) -> Download:
-        """Export the request's result bundle and stream it, chunk by chunk, into ``write``.
+    def open_result(self, request_id: str) -> ResultStream:
+        """Export the request's result bundle and open its download as a stream (close it after use).
 
-        Never holds the bundle in memory. Checks the byte count against Content-Length.
-
-        :raises BrokerError: export or download failed, or the download was cut short.
+        :raises BrokerError: the export or the start of the download failed.
         """
         export = self._call("POST", f"/broker/export/request-bundle/{request_id}", "text/plain")
         uuid = export.text.strip()
         if not _UUID.fullmatch(uuid):
             raise BrokerError(f"broker export of request {request_id} returned no download id")
         response = self._call("GET", f"/broker/download/{uuid}", "application/zip, */*", stream=True)
-        with response:
-            expected = response.headers.get("Content-Length")
-            size = 0
-            try:
-                for chunk in response.iter_content(DOWNLOAD_CHUNK_SIZE):
-                    write(chunk)
-                    size += len(chunk)
-            except requests.exceptions.RequestException as error:
-                raise BrokerError(f"download of request {request_id} broke off after {size} bytes "
-                                  f"({_reason(error)})") from None
-            encoded = response.headers.get("Content-Encoding", "identity") != "identity"
-            if expected is not None and expected.isdigit() and not encoded and int(expected) != size:
-                raise BrokerError(f"download of request {request_id} is incomplete: "
-                                  f"got {size} of {expected} bytes")
-            name = safe_remote_name(response.headers.get("Content-Disposition"), request_id)
-        logger.debug("downloaded request %s: %d bytes as %s", request_id, size, name)
-        return Download(remote_name=name, size=size)
+        return ResultStream(request_id, response)
 
 
 def _reason(error: Exception) -> str:

@@ -18,7 +18,7 @@ from broker_sftp_uploader.errors import EXIT_OK, EXIT_PARTIAL
 from broker_sftp_uploader.ledger import Ledger
 from broker_sftp_uploader.lock import RunLock
 from broker_sftp_uploader.sftp import SftpConnection
-from broker_sftp_uploader.sync import TEMP_FILE_PREFIX, Plan, Report, SyncRunner, fetch_listing, plan_sync
+from broker_sftp_uploader.sync import Plan, Report, SyncRunner, fetch_listing, plan_sync
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +47,7 @@ def run_sync(config: Config, *, dry_run: bool = False, show: Callable[[str], Non
                                "ledger are deleted from the server; check REQUESTS.TAG if that is wrong",
                                config.broker.tag, active)
             sftp = SftpConnection(config.sftp)
-            runner = SyncRunner(broker, sftp, ledger, key, config.working_dir,
-                                upload_ledger=config.sftp.upload_ledger)
+            runner = SyncRunner(broker, sftp, ledger, key, upload_ledger=config.sftp.upload_ledger)
             if dry_run:
                 _show_plan(plan, runner, show)
                 return Report(unchanged=plan.unchanged)
@@ -63,8 +62,7 @@ def run_sync(config: Config, *, dry_run: bool = False, show: Callable[[str], Non
 
 def remove_stale_temp_files(working_dir: Path) -> None:
     """Remove temp files a killed run (SIGKILL, power loss) left behind; only call under the lock."""
-    leftovers = [*working_dir.glob(f"{TEMP_FILE_PREFIX}*.fernet"), *working_dir.glob(".status.xml.*.tmp")]
-    for leftover in leftovers:
+    for leftover in working_dir.glob(".status.xml.*.tmp"):
         logger.warning("removing %s, left behind by an interrupted run", leftover)
         leftover.unlink(missing_ok=True)
 

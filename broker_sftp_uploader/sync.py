@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from broker_sftp_uploader.atomic import atomic_write, private_temp_file
+from broker_sftp_uploader.atomic import atomic_write
 from broker_sftp_uploader.broker import BrokerClient, default_remote_name
-from broker_sftp_uploader.crypto import StreamEncryptor
+from broker_sftp_uploader.crypto import EncryptingReader, encrypted_size
 from broker_sftp_uploader.errors import LedgerError, UploaderError
 from broker_sftp_uploader.ledger import Ledger, LedgerEntry
 from broker_sftp_uploader.sftp import SftpConnection
@@ -25,7 +25,6 @@ from broker_sftp_uploader.sftp import SftpConnection
 logger = logging.getLogger(__name__)
 
 LEDGER_REMOTE_NAME = "status.xml"
-TEMP_FILE_PREFIX = ".upload-"
 
 
 @dataclass(frozen=True)
@@ -129,17 +128,16 @@ def _utc_now() -> datetime:
 class SyncRunner:
     """Carries out a plan: broker download -> Fernet encryption -> SFTP upload, one request at a time.
 
-    Plaintext never touches the disk: the download is encrypted as it streams in, into a 0600 temp
-    file in the working folder, which is removed in every outcome.
+    The three are one stream with bounded buffers: nothing is held whole in memory and nothing is
+    written to the local disk, so neither memory nor disk limits the size of a result.
     """
 
     def __init__(self, broker: BrokerClient, sftp: SftpConnection, ledger: Ledger, key: bytes,
-                 working_dir: Path, upload_ledger: bool = True, now: Callable[[], datetime] = _utc_now):
+                 upload_ledger: bool = True, now: Callable[[], datetime] = _utc_now):
         self.broker = broker
         self.sftp = sftp
         self.ledger = ledger
         self.key = key
-        self.working_dir = working_dir
         self.upload_ledger = upload_ledger
         self.now = now
 
@@ -179,16 +177,13 @@ class SyncRunner:
 
     def _upload(self, action: Upload) -> None:
         logger.info("%s", action.describe())
-        encryptor = StreamEncryptor(self.key)
-        with private_temp_file(self.working_dir, prefix=TEMP_FILE_PREFIX, suffix=".fernet") as (handle, _):
-            download = self.broker.download_result(
-                action.request_id, lambda chunk: handle.write(encryptor.update(chunk)))
-            handle.write(encryptor.finalize())
-            size = handle.tell()
-            handle.flush()
-            handle.seek(0)
-            self.sftp.upload(handle, download.remote_name, size)
-        self.ledger.record_upload(action.request_id, action.completion, download.remote_name, self.now())
+        with self.broker.open_result(action.request_id) as result:
+            token = EncryptingReader(result, self.key)
+            size = encrypted_size(result.size) if result.size is not None else None
+            self.sftp.upload(token, result.remote_name, size)
+            logger.debug("request %s: %d bytes uploaded encrypted as %s", action.request_id,
+                         token.plain_bytes_read, result.remote_name)
+        self.ledger.record_upload(action.request_id, action.completion, result.remote_name, self.now())
         self.ledger.save()
 
     # The ledger copy on the server is refreshed whenever the local ledger differs from what was

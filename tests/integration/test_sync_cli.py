@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import signal
 import subprocess
 import sys
@@ -214,16 +215,20 @@ def test_sync_secrets_never_appear_in_output(broker, workspace, sshd):
         assert secret not in output
 
 
-def test_sync_interrupted_by_sigterm_removes_temp_file_and_keeps_ledger(broker, workspace, sshd):
+def test_sync_interrupted_by_sigterm_leaves_nothing_behind_and_keeps_ledger(broker, workspace, sshd):
     publish_completed(broker, "rki")
     workspace.pin_host_key(sshd)
     broker.inject_fault("GET", r"/broker/download/", delay=3.0)
     process = subprocess.Popen([sys.executable, "-m", "broker_sftp_uploader", "sync", "-c",
                                 str(workspace.config_path)], stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 20
-    while not list(workspace.working_dir.glob(".upload-*")) and time.monotonic() < deadline:
+
+    def downloading() -> bool:
+        return any(entry.path.startswith("/broker/download/") for entry in list(broker.requests_log))
+
+    while not downloading() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert list(workspace.working_dir.glob(".upload-*")), "the upload never started"
+    assert downloading(), "the upload never started"
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=30)
     assert process.returncode == 130
@@ -234,8 +239,8 @@ def test_sync_interrupted_by_sigterm_removes_temp_file_and_keeps_ledger(broker, 
 
 def test_sync_removes_temp_files_a_killed_run_left(broker, workspace):
     publish_completed(broker, "rki")
-    (workspace.working_dir / ".upload-abc123.fernet").write_bytes(b"gAAAA")
     (workspace.working_dir / ".status.xml.x1y2.tmp").write_bytes(b"<status>")
+    (workspace.working_dir / ".status.xml.uploaded-sha256.a1b2.tmp").write_bytes(b"12")
     result = workspace.sync()
     assert result.returncode == 0
     assert "left behind by an interrupted run" in result.stderr
@@ -265,3 +270,26 @@ def test_keygen_key_works_for_sync_and_decrypt(broker, workspace):
     assert result.returncode == 0, result.stderr
     with zipfile.ZipFile(restored) as bundle:
         assert bundle.read("0_result.txt") == b"x;y\n" * 50_000
+
+
+def test_sync_interrupted_mid_upload_removes_the_partial_remote_file(broker, workspace, sshd, tmp_path):
+    result_file = tmp_path / "big.bin"
+    block = os.urandom(1024 * 1024)
+    with open(result_file, "wb") as handle:
+        for _ in range(96):
+            handle.write(block)
+    request_id = actors.create_request(broker.url, "rki")
+    actors.put_result(broker.url, CLIENT_1, request_id, result_file)
+    actors.post_status(broker.url, CLIENT_1, request_id, "completed")
+    workspace.pin_host_key(sshd)
+    process = subprocess.Popen([sys.executable, "-m", "broker_sftp_uploader", "sync", "-c",
+                                str(workspace.config_path)], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(workspace.remote.glob(".export_*.part-*")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert list(workspace.remote.glob(".export_*.part-*")), "no partial upload was seen"
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130, stderr
+    assert workspace.remote_names() == []
+    assert not workspace.ledger.exists()
