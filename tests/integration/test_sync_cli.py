@@ -276,8 +276,7 @@ def test_sync_interrupted_mid_upload_removes_the_partial_remote_file(broker, wor
     result_file = tmp_path / "big.bin"
     block = os.urandom(1024 * 1024)
     with open(result_file, "wb") as handle:
-        for _ in range(96):
-            handle.write(block)
+        handle.writelines(block for _ in range(96))
     request_id = actors.create_request(broker.url, "rki")
     actors.put_result(broker.url, CLIENT_1, request_id, result_file)
     actors.post_status(broker.url, CLIENT_1, request_id, "completed")
