@@ -38,6 +38,15 @@ Exit codes:
 """
 
 
+DECRYPT_EXIT_CODES_HELP = """\b
+Exit codes:
+   0  every FILE decrypted
+   2  usage error
+  12  a key file is missing or invalid, or a FILE failed to decrypt (wrong key,
+      tampered, truncated, not a Fernet file); the other FILEs are still done
+"""
+
+
 def _setup_logging(verbosity: int) -> None:
     """Warnings and errors only by default (cron mails any output); -v info, -vv debug incl. paramiko."""
     level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
@@ -117,7 +126,7 @@ def sync(config_path: Path, dry_run: bool, verbose: int) -> None:
               "the ledger records everything that was done", code)
 
 
-@cli.command()
+@cli.command(epilog="Exit codes: 0 written, 12 PATH exists or cannot be created.")
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
 @_reports_errors
 def keygen(path: Path) -> None:
@@ -126,7 +135,7 @@ def keygen(path: Path) -> None:
     click.echo(f"wrote a new key to {path}; fingerprint {fingerprint} (compare it with the receiver's)")
 
 
-@cli.command(epilog=EXIT_CODES_HELP)
+@cli.command(epilog=DECRYPT_EXIT_CODES_HELP)
 @click.option("-k", "--key", "key_files", multiple=True, required=True,
               type=click.Path(dir_okay=False, path_type=Path),
               help="Key file; may hold several keys, one per line. Repeat for more files.")

@@ -1,7 +1,9 @@
 """Unit tests for plan_sync, the pure heart of the sync rules."""
 
+from broker_sftp_uploader.errors import BrokerError, SftpError
+from broker_sftp_uploader.job import exit_code_for
 from broker_sftp_uploader.ledger import LedgerEntry
-from broker_sftp_uploader.sync import Delete, Upload, plan_sync
+from broker_sftp_uploader.sync import Delete, Report, Upload, plan_sync
 
 
 def entry(request_id, completion, deleted=None, remote_name=None):
@@ -56,3 +58,23 @@ def test_plan_sync_original_scenario_second_run():
 def test_describe_lines_are_readable():
     assert Upload("2", "0.5", "changed", "1.0").describe() == "re-upload request 2 (completion 1.0 -> 0.5)"
     assert Delete("0", "export_0.zip").describe() == "delete export_0.zip (request 0 is no longer listed)"
+
+
+def test_exit_code_for_clean_run_is_0():
+    assert exit_code_for(Report(uploaded=["1"])) == 0
+    assert exit_code_for(Report()) == 0
+
+
+def test_exit_code_for_some_failed_some_done_is_partial():
+    report = Report(uploaded=["1"], failures=[("2", BrokerError("broker answered 500"))])
+    assert exit_code_for(report) == 3
+
+
+def test_exit_code_for_everything_failed_is_the_first_failures_code():
+    report = Report(failures=[("2", SftpError("upload failed")), ("3", BrokerError("x"))])
+    assert exit_code_for(report) == 14
+
+
+def test_exit_code_for_only_the_ledger_upload_failed_after_actions_is_partial():
+    report = Report(deleted=["0"], failures=[("status.xml", SftpError("upload failed"))])
+    assert exit_code_for(report) == 3
