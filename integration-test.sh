@@ -30,7 +30,7 @@ if ! command -v sshd >/dev/null && [[ ! -x /usr/sbin/sshd ]] || ! command -v cur
 fi
 if ! "$PYTHON" -c "import broker_sftp_uploader, paramiko, lxml" 2>/dev/null; then
   step "installing broker-sftp-uploader"
-  "$PYTHON" -m pip install -q -e . >/dev/null
+  "$PYTHON" -m pip install -q --root-user-action=ignore -e . >/dev/null
 fi
 
 WORK=$(mktemp -d /tmp/bsu-integration.XXXXXX)

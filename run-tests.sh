@@ -9,5 +9,5 @@ if [[ ! -x /usr/sbin/sshd ]]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-sftp-server >/dev/null
 fi
-"$PYTHON" -m pip install -q --disable-pip-version-check -e '.[test]'
+"$PYTHON" -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test]'
 exec "$PYTHON" -m pytest -q "$@"
