@@ -44,6 +44,16 @@ def private_temp_file(folder: Path, prefix: str, suffix: str = ".tmp") -> Iterat
             path.unlink()
 
 
+def _temp_prefix(target: Path) -> str:
+    return f".{target.name}."
+
+
+def leftover_temp_files(target: Path) -> list[Path]:
+    """Temp files of ``atomic_write(target)`` that a killed process left beside ``target``."""
+    target = Path(target)
+    return sorted(target.parent.glob(f"{_temp_prefix(target)}*.tmp"))
+
+
 @contextlib.contextmanager
 def atomic_write(target: Path, mode: int = 0o600, overwrite: bool = True) -> Iterator[BinaryIO]:
     """Yield a binary file whose content replaces ``target`` atomically when the block ends cleanly.
@@ -55,7 +65,7 @@ def atomic_write(target: Path, mode: int = 0o600, overwrite: bool = True) -> Ite
     """
     target = Path(target)
     folder = target.parent
-    with private_temp_file(folder, prefix=f".{target.name}.", suffix=".tmp") as (handle, temp_path):
+    with private_temp_file(folder, prefix=_temp_prefix(target), suffix=".tmp") as (handle, temp_path):
         yield handle
         handle.flush()
         os.fsync(handle.fileno())

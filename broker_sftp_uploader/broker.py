@@ -252,7 +252,7 @@ class BrokerClient:
 
 def _reason(error: Exception) -> str:
     """A short cause for a requests exception, without URLs' query strings or headers."""
-    text = str(error.__context__ or error) if not str(error) else str(error)
+    text = str(error) or str(error.__context__)
     for marker in ("Connection refused", "Name or service not known", "timed out", "Connection reset",
                    "No route to host", "IncompleteRead", "Connection broken"):
         if marker in text:

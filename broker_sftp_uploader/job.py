@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from broker_sftp_uploader.atomic import leftover_temp_files
 from broker_sftp_uploader.broker import BrokerClient
 from broker_sftp_uploader.config import Config
 from broker_sftp_uploader.crypto import load_keys
@@ -18,7 +19,7 @@ from broker_sftp_uploader.errors import EXIT_OK, EXIT_PARTIAL
 from broker_sftp_uploader.ledger import Ledger
 from broker_sftp_uploader.lock import RunLock
 from broker_sftp_uploader.sftp import SftpConnection
-from broker_sftp_uploader.sync import Plan, Report, SyncRunner, fetch_listing, plan_sync
+from broker_sftp_uploader.sync import Plan, Report, SyncRunner, fetch_listing, ledger_digest_path, plan_sync
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,8 @@ def run_sync(config: Config, *, dry_run: bool = False, show: Callable[[str], Non
     lock = contextlib.nullcontext() if dry_run else RunLock(config.working_dir)
     with lock:
         if not dry_run:
-            remove_stale_temp_files(config.working_dir)
+            remove_stale_temp_files([config.ledger_path, ledger_digest_path(config.ledger_path),
+                                     config.sftp.known_hosts])
         key = load_keys(config.key_path)[0]
         ledger = Ledger.load(config.ledger_path)
         with BrokerClient(config.broker.url, config.broker.api_key, ca_bundle=config.broker.ca_bundle) as broker:
@@ -60,9 +62,12 @@ def run_sync(config: Config, *, dry_run: bool = False, show: Callable[[str], Non
     return report
 
 
-def remove_stale_temp_files(working_dir: Path) -> None:
-    """Remove temp files a killed run (SIGKILL, power loss) left behind; only call under the lock."""
-    for leftover in working_dir.glob(".status.xml.*.tmp"):
+def remove_stale_temp_files(files: list[Path]) -> None:
+    """Remove the save temp files a killed run (SIGKILL, power loss) left beside ``files``.
+
+    Only call it under the lock, when no other run can be saving them.
+    """
+    for leftover in sorted({temp for path in files for temp in leftover_temp_files(path)}):
         logger.warning("removing %s, left behind by an interrupted run", leftover)
         leftover.unlink(missing_ok=True)
 

@@ -121,6 +121,11 @@ def fetch_listing(broker: BrokerClient, tag: str) -> dict[str, str]:
     return {request_id: broker.get_completion(request_id) for request_id in ids}
 
 
+def ledger_digest_path(ledger_path: Path) -> Path:
+    """Where the digest of the last uploaded copy of the ledger is kept: beside the ledger."""
+    return ledger_path.with_name(ledger_path.name + ".uploaded-sha256")
+
+
 def _utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -189,15 +194,15 @@ class SyncRunner:
     # The ledger copy on the server is refreshed whenever the local ledger differs from what was
     # last uploaded; the digest of that upload lives beside the ledger, so a failed ledger upload
     # is retried by the next run even if nothing else changes.
-    def _digest_path(self) -> Path:
-        return self.ledger.path.with_name(self.ledger.path.name + ".uploaded-sha256")
+    def digest_path(self) -> Path:
+        return ledger_digest_path(self.ledger.path)
 
     def ledger_needs_upload(self) -> bool:
         """True when the server's copy of the ledger may differ from the local one."""
         if not self.ledger.path.exists():
             return False
         try:
-            recorded = self._digest_path().read_text(encoding="ascii").strip()
+            recorded = self.digest_path().read_text(encoding="ascii").strip()
         except (OSError, UnicodeDecodeError):
             return True
         return recorded != hashlib.sha256(self.ledger.path.read_bytes()).hexdigest()
@@ -205,6 +210,6 @@ class SyncRunner:
     def _upload_ledger(self) -> None:
         content = self.ledger.path.read_bytes()
         self.sftp.upload(io.BytesIO(content), LEDGER_REMOTE_NAME, len(content))
-        with atomic_write(self._digest_path(), mode=0o644) as handle:
+        with atomic_write(self.digest_path(), mode=0o644) as handle:
             handle.write(hashlib.sha256(content).hexdigest().encode("ascii") + b"\n")
         logger.info("uploaded the ledger as %s", LEDGER_REMOTE_NAME)
