@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import signal
 import sys
 from pathlib import Path
 
 import click
 
-from broker_sftp_uploader import __version__
+from broker_sftp_uploader import __version__, interrupts
 from broker_sftp_uploader.config import load_config
 from broker_sftp_uploader.crypto import decrypt_file, decrypt_to_stream, generate_key_file, load_keys
 from broker_sftp_uploader.errors import EXIT_KEY, UploaderError
@@ -64,15 +63,6 @@ def _setup_logging(verbosity: int) -> None:
     logging.getLogger("urllib3").setLevel({0: logging.ERROR, 1: logging.WARNING}.get(verbosity, logging.DEBUG))
 
 
-def _interrupt_on_sigterm() -> None:
-    """Treat SIGTERM (cron or systemd stopping us) like Ctrl-C, so temp files are cleaned up."""
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
-
-
 def _fail(message: str, code: int) -> None:
     click.echo(f"Error: {message}", err=True)
     sys.exit(code)
@@ -88,7 +78,7 @@ def _reports_errors(command):
         except UploaderError as error:
             _fail(str(error), error.exit_code)
         except KeyboardInterrupt:
-            _fail("interrupted; temporary files were removed and the ledger holds every completed action",
+            _fail("interrupted; the ledger holds every completed action and unfinished uploads were removed",
                   EXIT_INTERRUPTED)
 
     return wrapper
@@ -116,7 +106,7 @@ def sync(config_path: Path, dry_run: bool, verbose: int) -> None:
     Quiet on success; meant to run from cron.
     """
     _setup_logging(verbose)
-    _interrupt_on_sigterm()
+    interrupts.install()
     config = load_config(config_path)
     report = run_sync(config, dry_run=dry_run, show=click.echo)
     code = exit_code_for(report)
@@ -151,6 +141,7 @@ def decrypt(key_files: tuple[Path, ...], output: Path | None, output_dir: Path |
             files: tuple[Path, ...], verbose: int) -> None:
     """Decrypt FILE(s) made by sync. Output is written only after the file's signature verified."""
     _setup_logging(verbose)
+    interrupts.install()
     if output is not None and output_dir is not None:
         raise click.UsageError("use either --output or --output-dir, not both")
     if output is not None and len(files) > 1:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import posixpath
+import re
 import secrets
 import socket
+import time
 from pathlib import Path
 from typing import BinaryIO
 
@@ -19,8 +21,14 @@ import paramiko
 from broker_sftp_uploader.atomic import atomic_write
 from broker_sftp_uploader.config import SftpSettings
 from broker_sftp_uploader.errors import SftpError
+from broker_sftp_uploader.interrupts import deferred
 
 logger = logging.getLogger(__name__)
+
+CHUNK_SIZE = 32768  # paramiko's largest SFTP write request
+# Partial uploads are hidden as ".<name>.part-<12 hex>"; one untouched for a day was left by a killed run.
+_PART_NAME = re.compile(r"\..+\.part-[0-9a-f]{12}")
+STALE_PART_AGE = 24 * 3600
 
 
 class _AcceptNewPolicy(paramiko.MissingHostKeyPolicy):
@@ -59,6 +67,13 @@ class SftpConnection:
         :raises SftpError: unreachable, host key changed, login refused, or folder missing.
         """
         settings = self.settings
+        with deferred():
+            self._open(settings)
+        logger.info("connected to %s", self.where)
+        self._remove_stale_parts()
+        return self
+
+    def _open(self, settings: SftpSettings) -> None:
         client = paramiko.SSHClient()
         try:
             if settings.known_hosts.exists():
@@ -90,16 +105,15 @@ class SftpConnection:
             self.close()
             raise SftpError(f"remote folder {self.folder!r} is not usable on {self.where} "
                             f"({_reason(error)}); create it or fix SFTP.FOLDERNAME") from None
-        logger.info("connected to %s", self.where)
-        return self
 
     def close(self) -> None:
         """Close the session (idempotent)."""
-        if self._sftp is not None:
-            self._sftp.close()
-        if self._client is not None:
-            self._client.close()
-        self._sftp = self._client = None
+        with deferred():
+            if self._sftp is not None:
+                self._sftp.close()
+            if self._client is not None:
+                self._client.close()
+            self._sftp = self._client = None
 
     def __enter__(self) -> SftpConnection:
         return self.connect()
@@ -113,7 +127,8 @@ class SftpConnection:
     def upload(self, source: BinaryIO, name: str, size: int | None = None) -> int:
         """Upload ``source`` (read to its end) as ``FOLDERNAME/name``, atomically.
 
-        Writes ``.name.part-<random>`` first, checks its size, then renames it over ``name``.
+        Writes ``.name.part-<random>`` first, checks its size, then renames it over ``name``. An
+        interrupt is raised only between SFTP requests, so the temp file can always be removed.
 
         :returns: the number of bytes uploaded.
         :raises SftpError: the transfer or the rename failed; the temp file is then removed.
@@ -122,19 +137,45 @@ class SftpConnection:
         final = self._remote(name)
         temp = self._remote(f".{name}.part-{secrets.token_hex(6)}")
         try:
-            attributes = sftp.putfo(source, temp, file_size=size or 0, confirm=True)
-            if size is not None and attributes.st_size != size:
-                raise SftpError(f"upload of {name} to {self.where} stored {attributes.st_size} "
-                                f"of {size} bytes")
-            self._rename_over(temp, final)
+            written = self._transfer(sftp, source, temp)
+            with deferred():
+                stored = sftp.stat(temp).st_size
+            if stored != written or (size is not None and written != size):
+                raise SftpError(f"upload of {name} to {self.where} stored {stored} of "
+                                f"{written if size is None else size} bytes")
+            with deferred():
+                self._rename_over(temp, final)
         except (OSError, paramiko.SSHException, EOFError) as error:
             self._discard(temp)
             raise SftpError(f"upload of {name} to {self.where} failed: {_reason(error)}") from None
         except BaseException:
             self._discard(temp)
             raise
-        logger.debug("uploaded %s (%s bytes)", final, attributes.st_size)
-        return attributes.st_size
+        logger.debug("uploaded %s (%s bytes)", final, written)
+        return written
+
+    @staticmethod
+    def _transfer(sftp: paramiko.SFTPClient, source: BinaryIO, temp: str) -> int:
+        """Copy ``source`` into a new remote file with pipelined writes; close it in every outcome."""
+        with deferred():
+            remote = sftp.open(temp, "wb")
+            remote.set_pipelined(True)
+        written = 0
+        try:
+            while chunk := source.read(CHUNK_SIZE):
+                with deferred():
+                    remote.write(chunk)
+                written += len(chunk)
+        except BaseException:
+            with deferred():
+                try:
+                    remote.close()
+                except (OSError, paramiko.SSHException, EOFError):
+                    pass  # the original failure is the one to report
+            raise
+        with deferred():
+            remote.close()  # waits for the server to acknowledge every write
+        return written
 
     def remove(self, name: str) -> bool:
         """Delete ``FOLDERNAME/name``; a file that is already gone is fine.
@@ -144,7 +185,8 @@ class SftpConnection:
         """
         sftp = self._session()
         try:
-            sftp.remove(self._remote(name))
+            with deferred():
+                sftp.remove(self._remote(name))
         except FileNotFoundError:
             logger.info("%s was already gone from %s", name, self.where)
             return False
@@ -171,12 +213,31 @@ class SftpConnection:
                 pass
             sftp.rename(temp, final)
 
+    def _remove_stale_parts(self) -> None:
+        """Remove partial uploads that a killed run left behind: ours by name, untouched for a day."""
+        sftp = self._session()
+        cutoff = time.time() - STALE_PART_AGE
+        try:
+            with deferred():
+                for entry in sftp.listdir_attr(self.folder):
+                    if _PART_NAME.fullmatch(entry.filename) and (entry.st_mtime or 0) < cutoff:
+                        sftp.remove(self._remote(entry.filename))
+                        logger.info("removed %s, a partial upload left by an earlier run",
+                                    self._remote(entry.filename))
+        except (OSError, paramiko.SSHException, EOFError) as error:
+            logger.warning("could not clear old partial uploads in %s on %s: %s", self.folder, self.where,
+                           _reason(error))
+
     def _discard(self, temp: str) -> None:
         try:
-            if self._sftp is not None:
-                self._sftp.remove(temp)
-        except (OSError, paramiko.SSHException, EOFError):
+            with deferred():
+                if self._sftp is not None:
+                    self._sftp.remove(temp)
+        except FileNotFoundError:
             pass
+        except (OSError, paramiko.SSHException, EOFError) as error:
+            logger.warning("could not remove the partial upload %s on %s (%s); the next run removes it "
+                           "once it is a day old, or delete it by hand", temp, self.where, _reason(error))
 
 
 def _reason(error: BaseException) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from broker_sftp_uploader import interrupts
 from broker_sftp_uploader.crypto import generate_key_file
 from test_resources.sshd import SshdServer, SshdUnavailable
 
@@ -125,3 +127,13 @@ WORKING_DIR = "work"
     config_path.write_text(text)
     return Workspace(root=tmp_path, config_path=config_path, key_path=key_path, remote=remote,
                      config_text=text)
+
+
+@pytest.fixture
+def signal_handlers():
+    """Install the uploader's handlers for one test and give pytest its own back afterwards."""
+    saved = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    interrupts.install()
+    yield
+    for number, handler in saved.items():
+        signal.signal(number, handler)

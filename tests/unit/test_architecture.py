@@ -40,5 +40,6 @@ def test_adapters_do_not_import_each_other():
         assert not imported & (ADAPTERS - {module}), module
 
 
-def test_errors_imports_nothing_from_the_package():
-    assert not [name for name in imported_modules("errors") if name.startswith("broker_sftp_uploader")]
+def test_leaf_modules_import_nothing_from_the_package():
+    for module in ("errors", "interrupts"):
+        assert not [name for name in imported_modules(module) if name.startswith("broker_sftp_uploader")], module
