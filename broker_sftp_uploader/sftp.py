@@ -29,6 +29,9 @@ CHUNK_SIZE = 32768  # paramiko's largest SFTP write request
 # Partial uploads are hidden as ".<name>.part-<12 hex>"; one untouched for a day was left by a killed run.
 _PART_NAME = re.compile(r"\..+\.part-[0-9a-f]{12}")
 STALE_PART_AGE = 24 * 3600
+# What a failed exchange raises: socket errors, timeouts and the server's refusals (OSError), protocol
+# errors (SSHException), a dropped connection (EOFError).
+_FAILURES = (OSError, paramiko.SSHException, EOFError)
 
 
 class _AcceptNewPolicy(paramiko.MissingHostKeyPolicy):
@@ -66,14 +69,14 @@ class SftpConnection:
 
         :raises SftpError: unreachable, host key changed, login refused, or folder missing.
         """
-        settings = self.settings
         with deferred():
-            self._open(settings)
+            self._open()
         logger.info("connected to %s", self.where)
         self._remove_stale_parts()
         return self
 
-    def _open(self, settings: SftpSettings) -> None:
+    def _open(self) -> None:
+        settings = self.settings
         client = paramiko.SSHClient()
         try:
             if settings.known_hosts.exists():
@@ -94,7 +97,7 @@ class SftpConnection:
             client.close()
             raise SftpError(f"SFTP login as {self.where} was refused; check SFTP.USERNAME and "
                             "SFTP.PASSWORD") from None
-        except (TimeoutError, OSError, paramiko.SSHException, EOFError) as error:
+        except _FAILURES as error:
             client.close()
             raise SftpError(f"cannot connect to SFTP server {settings.host}:{settings.port}: "
                             f"{_reason(error)}; check SFTP.HOST and SFTP.PORT") from None
@@ -145,7 +148,7 @@ class SftpConnection:
                                 f"{written if size is None else size} bytes")
             with deferred():
                 self._rename_over(temp, final)
-        except (OSError, paramiko.SSHException, EOFError) as error:
+        except _FAILURES as error:
             self._discard(temp)
             raise SftpError(f"upload of {name} to {self.where} failed: {_reason(error)}") from None
         except BaseException:
@@ -170,7 +173,7 @@ class SftpConnection:
             with deferred():
                 try:
                     remote.close()
-                except (OSError, paramiko.SSHException, EOFError):
+                except _FAILURES:
                     pass  # the original failure is the one to report
             raise
         with deferred():
@@ -190,7 +193,7 @@ class SftpConnection:
         except FileNotFoundError:
             logger.info("%s was already gone from %s", name, self.where)
             return False
-        except (OSError, paramiko.SSHException, EOFError) as error:
+        except _FAILURES as error:
             raise SftpError(f"cannot delete {name} on {self.where}: {_reason(error)}") from None
         return True
 
@@ -224,7 +227,7 @@ class SftpConnection:
                         sftp.remove(self._remote(entry.filename))
                         logger.info("removed %s, a partial upload left by an earlier run",
                                     self._remote(entry.filename))
-        except (OSError, paramiko.SSHException, EOFError) as error:
+        except _FAILURES as error:
             logger.warning("could not clear old partial uploads in %s on %s: %s", self.folder, self.where,
                            _reason(error))
 
@@ -235,7 +238,7 @@ class SftpConnection:
                     self._sftp.remove(temp)
         except FileNotFoundError:
             pass
-        except (OSError, paramiko.SSHException, EOFError) as error:
+        except _FAILURES as error:
             logger.warning("could not remove the partial upload %s on %s (%s); the next run removes it "
                            "once it is a day old, or delete it by hand", temp, self.where, _reason(error))
 
