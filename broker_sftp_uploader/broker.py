@@ -1,63 +1,58 @@
-"""HTTP client for the AKTIN broker API, as described in shared/broker-api.md.
+"""HTTP client for the AKTIN broker API (see docs in the README's "Broker API" section).
 
-Everything the broker sends is treated as untrusted: XML is parsed with entities and network off,
-request ids must be plain integers, the download uuid must look like one, and the file name from
-Content-Disposition is reduced to a safe base name.
+Everything the broker sends is treated as untrusted:
+
+* time: every call has a hard deadline (``deadlines.py`` cuts the connection when it passes), so a
+  broker that never answers, or trickles, cannot hold a run; idempotent calls are retried with
+  exponential backoff and jitter, but only while their deadline allows;
+* memory: XML answers are parsed incrementally as they arrive and capped at ``MAX_XML_BYTES`` of
+  *decoded* bytes; a compressed body is inflated in bounded steps, so a gzip bomb cannot balloon;
+* content: XML is parsed with entities, DTDs and network off; request ids must be plain integers; the
+  download uuid must look like one. Nothing the broker sends names a file: the download's
+  Content-Disposition is ignored, and each request's remote file is ``export_<id>.zip`` (ledger.py).
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import re
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
-import requests
 from lxml import etree
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
 
+from broker_sftp_uploader import __version__
+from broker_sftp_uploader.deadlines import Deadline, start_deadline
 from broker_sftp_uploader.errors import BrokerError
+from broker_sftp_uploader.http_client import ConnectionPool, Response, TooLargeError, TransportError
 
 logger = logging.getLogger(__name__)
 
 NAMESPACE = "http://aktin.org/ns/exchange"
 QUERY_MEDIA_TYPE = "application/vnd.aktin.query.request+xml"
-DOWNLOAD_CHUNK_SIZE = 64 * 1024
-# (connect, read) seconds for every call. The broker builds an export bundle before it answers the
-# export call, which for a multi-GiB result takes minutes, hence the generous read timeout.
-DEFAULT_TIMEOUT = (10.0, 300.0)
+USER_AGENT = f"broker-sftp-uploader/{__version__}"
+CONCURRENCY = 16  # status calls at once: a few threads' worth of load on the broker
+# A listing of 10,000 requests is about 1 MiB; a status list of 1,000 nodes about 0.2 MiB.
+MAX_XML_BYTES = 8 * 1024 * 1024
+MAX_LISTED_REQUESTS = 100_000
+CONNECT_TIMEOUT = 10.0
+CALL_TIMEOUT = 60.0  # listing and status calls, retries included
+EXPORT_TIMEOUT = 1800.0  # the broker builds the bundle before it answers the export call
+RETRIES = 3
+_RETRY_STATUSES = frozenset({502, 503, 504})
 
 _REQUEST_ID = re.compile(r"[0-9]{1,18}")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
-_FILENAME = re.compile(r'filename\s*=\s*"([^"]*)"|filename\s*=\s*([^;\s]+)', re.IGNORECASE)
-_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
-RESERVED_REMOTE_NAMES = frozenset({"status.xml"})
 
 
-def _safe_parser() -> etree.XMLParser:
-    return etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False)
-
-
-def default_remote_name(request_id: str) -> str:
-    """The broker's naming convention for a request's export bundle."""
-    return f"export_{request_id}.zip"
-
-
-def safe_remote_name(content_disposition: str | None, request_id: str) -> str:
-    """Given an untrusted Content-Disposition header, return a safe file name for the upload.
-
-    Keeps only the base name (no folders, no leading dot, only letters, digits, ``._-``); anything
-    else, and names reserved for our own files, fall back to ``export_<id>.zip``.
-    """
-    fallback = default_remote_name(request_id)
-    match = _FILENAME.search(content_disposition or "")
-    if not match:
-        return fallback
-    name = (match.group(1) if match.group(1) is not None else match.group(2)).strip()
-    name = re.split(r"[/\\]", name)[-1]
-    if not _SAFE_NAME.fullmatch(name) or ".." in name or name.lower() in RESERVED_REMOTE_NAMES:
-        return fallback
-    return name
+def _safe_parser(**options) -> etree.XMLPullParser:
+    return etree.XMLPullParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False,
+                               **options)
 
 
 def format_completion(completed: int, total: int) -> str:
@@ -65,91 +60,170 @@ def format_completion(completed: int, total: int) -> str:
     return str(round(completed / total, 2) if total else 0.0)
 
 
+class _RequestListParser:
+    """Collects the ``id`` of every direct child of a ``request-list``, fed piece by piece."""
+
+    what = "request list"
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self._seen: set[str] = set()
+        self._depth = 0
+
+    def start(self, element: etree._Element) -> None:
+        self._depth += 1
+        if self._depth == 1 and etree.QName(element).localname != "request-list":
+            raise BrokerError(f"broker sent a <{etree.QName(element).localname}> where a request-list "
+                              "was expected")
+        if self._depth != 2:
+            return
+        request_id = (element.get("id") or "").strip()
+        if not _REQUEST_ID.fullmatch(request_id):
+            raise BrokerError(f"broker sent a request with an invalid id {request_id[:40]!r}")
+        request_id = str(int(request_id))
+        if request_id in self._seen:
+            raise BrokerError(f"broker listed request {request_id} twice")
+        if len(self.ids) >= MAX_LISTED_REQUESTS:
+            raise BrokerError(f"broker lists more than {MAX_LISTED_REQUESTS} requests; refusing (is the "
+                              "tag too broad?)")
+        self._seen.add(request_id)
+        self.ids.append(request_id)
+
+    def end(self, element: etree._Element) -> None:
+        self._depth -= 1
+
+
+class _StatusParser:
+    """Counts ``node`` rows and ``completed`` marks of a ``request-status-list``, fed piece by piece."""
+
+    what = "request status"
+
+    def __init__(self) -> None:
+        self.nodes = 0
+        self.completed = 0
+
+    def start(self, element: etree._Element) -> None:
+        if element.tag == f"{{{NAMESPACE}}}node":
+            self.nodes += 1
+        elif element.tag == f"{{{NAMESPACE}}}completed":
+            self.completed += 1
+
+    def end(self, element: etree._Element) -> None:
+        pass
+
+    @property
+    def completion(self) -> str:
+        return format_completion(self.completed, self.nodes)
+
+
+def _feed_xml(pieces: Iterator[bytes], handler: _RequestListParser | _StatusParser) -> None:
+    """Parse an XML document from ``pieces`` without keeping it: ``handler`` sees each element.
+
+    Elements are discarded as soon as they end, so memory stays flat whatever the document's size.
+
+    :raises BrokerError: the document is not well-formed XML or the handler refuses it.
+    """
+    parser = _safe_parser(events=("start", "end"))
+    try:
+        for piece in pieces:
+            parser.feed(piece)
+            _drain(parser, handler)
+        parser.close()
+        _drain(parser, handler)
+    except etree.XMLSyntaxError as error:
+        raise BrokerError(f"broker sent an unreadable {handler.what} (not XML: {error})") from None
+
+
+def _drain(parser: etree.XMLPullParser, handler: _RequestListParser | _StatusParser) -> None:
+    for event, element in parser.read_events():
+        if event == "start":
+            handler.start(element)
+        else:
+            handler.end(element)
+            element.clear(keep_tail=False)
+            parent = element.getparent()
+            if parent is not None:
+                # drop the finished siblings too: the tree would otherwise keep every element
+                while element.getprevious() is not None:
+                    del parent[0]
+
+
 def parse_request_ids(document: bytes) -> list[str]:
     """Return the ``id`` attribute of every request in a broker ``request-list`` document.
 
-    :raises BrokerError: the document is not XML, not a request list, or an id is not an integer.
+    :raises BrokerError: not XML, not a request list, an id that is not an integer, or listed twice.
     """
-    root = _parse(document, "request list")
-    if etree.QName(root).localname != "request-list":
-        raise BrokerError(f"broker sent a <{etree.QName(root).localname}> where a request-list was expected")
-    ids = []
-    for child in root:
-        if not isinstance(child.tag, str):
-            continue
-        request_id = (child.get("id") or "").strip()
-        if not _REQUEST_ID.fullmatch(request_id):
-            raise BrokerError(f"broker sent a request with an invalid id {request_id[:40]!r}")
-        ids.append(str(int(request_id)))
-    return ids
+    handler = _RequestListParser()
+    _feed_xml(iter([document]), handler)
+    return handler.ids
 
 
 def parse_completion(document: bytes) -> str:
     """Compute completion from a ``request-status-list``: rows with ``completed`` / all rows."""
-    root = _parse(document, "request status")
-    total = sum(1 for _ in root.iter(f"{{{NAMESPACE}}}node"))
-    completed = sum(1 for _ in root.iter(f"{{{NAMESPACE}}}completed"))
-    return format_completion(completed, total)
-
-
-def _parse(document: bytes, what: str) -> etree._Element:
-    try:
-        return etree.fromstring(document, parser=_safe_parser())
-    except etree.XMLSyntaxError as error:
-        raise BrokerError(f"broker sent an unreadable {what} (not XML: {error})") from None
+    handler = _StatusParser()
+    _feed_xml(iter([document]), handler)
+    return handler.completion
 
 
 class ResultStream:
     """A request's result bundle as a readable binary stream, straight from the broker's download.
 
-    ``read`` never returns more than asked plus one network chunk is held. At the end it checks the
+    ``read`` never holds more than what was asked plus one network piece. At the end it checks the
     byte count against Content-Length, so a download cut short raises instead of ending quietly.
+    The download runs under the run's deadline, and one that stalls for a call timeout fails.
 
-    :ivar remote_name: the safe file name for the upload.
     :ivar size: the announced size in bytes, or None if the broker did not send one.
     """
 
-    def __init__(self, request_id: str, response: requests.Response):
+    def __init__(self, request_id: str, response: Response, deadline: Deadline):
         self.request_id = request_id
         self._response = response
-        encoded = response.headers.get("Content-Encoding", "identity") != "identity"
-        length = response.headers.get("Content-Length", "")
+        self._deadline = deadline
+        encoded = response.header("Content-Encoding", "identity").strip().lower() not in ("", "identity")
+        length = response.header("Content-Length")
         self.size = int(length) if length.isdigit() and not encoded else None
-        self.remote_name = safe_remote_name(response.headers.get("Content-Disposition"), request_id)
-        self._chunks = response.iter_content(DOWNLOAD_CHUNK_SIZE)
-        self._buffer = b""
-        self._received = 0
+        self._pieces = response.pieces()
+        self._buffer = bytearray()
         self._ended = False
 
     def read(self, size: int = -1) -> bytes:
         """Return up to ``size`` bytes (all the rest if negative); ``b""`` at the end.
 
-        :raises BrokerError: the connection broke or the download ended short of Content-Length.
+        :raises BrokerError: the connection broke, timed out, or the download ended short of Content-Length.
         """
         while not self._ended and (size < 0 or len(self._buffer) < size):
-            self._buffer += self._next_chunk()
+            self._buffer += self._next_piece()
         if size < 0:
             size = len(self._buffer)
-        data, self._buffer = self._buffer[:size], self._buffer[size:]
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
         return data
 
-    def _next_chunk(self) -> bytes:
+    def _next_piece(self) -> bytes:
         try:
-            chunk = next(self._chunks, b"")
-        except requests.exceptions.RequestException as error:
-            raise BrokerError(f"download of request {self.request_id} broke off after {self._received} "
-                              f"bytes ({_reason(error)})") from None
-        if not chunk:
+            piece = next(self._pieces, b"")
+        except TransportError as error:
+            if self._deadline.expired:
+                raise BrokerError(f"download of request {self.request_id} did not finish within the run's "
+                                  f"time limit (MISC.RUN_TIMEOUT); got {self.received} bytes") from None
+            raise BrokerError(f"download of request {self.request_id} broke off after {self.received} "
+                              f"bytes ({error.reason})") from None
+        if not piece:
             self._ended = True
-            if self.size is not None and self._received != self.size:
+            if self.size is not None and self.received != self.size:
                 raise BrokerError(f"download of request {self.request_id} is incomplete: "
-                                  f"got {self._received} of {self.size} bytes")
-        self._received += len(chunk)
-        return chunk
+                                  f"got {self.received} of {self.size} bytes")
+        return piece
+
+    @property
+    def received(self) -> int:
+        """Bytes of the bundle received so far."""
+        return self._response.received
 
     def close(self) -> None:
         """Release the connection."""
         self._response.close()
+        self._deadline.finish()
 
     def __enter__(self) -> ResultStream:
         return self
@@ -158,38 +232,45 @@ class ResultStream:
         self.close()
 
 
+def _backoff_delays(base: float, retries: int) -> Iterator[float]:
+    """Full-jitter exponential backoff: a random wait in [0, base * 2**n] before retry n."""
+    for attempt in range(retries):
+        yield random.uniform(0, base * 2 ** attempt)
+
+
 class BrokerClient:
-    """One keep-alive session to the broker's admin API.
+    """Keep-alive connections to the broker's admin API (one per thread, so calls may run in parallel).
 
     :param base_url: e.g. ``http://localhost:8080`` (no trailing slash).
     :param api_key: the admin API key; sent only in the Authorization header, never logged.
-    :param session: an injectable ``requests.Session`` (tests); a retrying one is made otherwise.
+    :param call_timeout: seconds for a listing or status call, retries included.
+    :param export_timeout: seconds for the export call (never retried: it is not idempotent).
+    :param retries: how often a failed idempotent call is tried again (within its timeout).
+    :param run_deadline: a ``time.monotonic()`` value no call may run past (the run's overall limit).
+    :param concurrency: how many status calls run at once.
+    :param sleep: how to wait between retries (injectable so tests run fast).
     """
 
     def __init__(self, base_url: str, api_key: str, *, ca_bundle: Path | None = None,
-                 session: requests.Session | None = None,
-                 timeout: tuple[float, float] = DEFAULT_TIMEOUT, retry_backoff: float = 0.5):
+                 call_timeout: float = CALL_TIMEOUT, export_timeout: float = EXPORT_TIMEOUT,
+                 retries: int = RETRIES, retry_backoff: float = 0.5, run_deadline: float | None = None,
+                 concurrency: int = CONCURRENCY, sleep: Callable[[float], None] = time.sleep):
         self.base_url = base_url.rstrip("/")
-        self.timeout = timeout
-        self.session = session or self._make_session(retry_backoff)
-        self.session.headers["Authorization"] = f"Bearer {api_key}"
-        if ca_bundle is not None:
-            self.session.verify = str(ca_bundle)
-
-    @staticmethod
-    def _make_session(backoff: float) -> requests.Session:
-        # Only idempotent reads are retried, and only on connection trouble or gateway errors.
-        retry = Retry(total=3, connect=3, read=2, status=2, backoff_factor=backoff,
-                      status_forcelist=(502, 503, 504), allowed_methods=frozenset({"GET", "HEAD"}),
-                      raise_on_status=False)
-        session = requests.Session()
-        session.mount("http://", HTTPAdapter(max_retries=retry))
-        session.mount("https://", HTTPAdapter(max_retries=retry))
-        return session
+        self.call_timeout = call_timeout
+        self.export_timeout = export_timeout
+        self.retries = retries
+        self.retry_backoff = retry_backoff
+        self.run_deadline = run_deadline
+        self.concurrency = concurrency
+        self._sleep = sleep
+        self._pool = ConnectionPool(self.base_url, ca_bundle=ca_bundle, connect_timeout=CONNECT_TIMEOUT)
+        # Compression buys nothing for these small answers, and a body that inflates is one more risk.
+        self._headers = {"Authorization": f"Bearer {api_key}", "Accept-Encoding": "identity",
+                         "User-Agent": USER_AGENT}
 
     def close(self) -> None:
         """Close the keep-alive connections."""
-        self.session.close()
+        self._pool.close()
 
     def __enter__(self) -> BrokerClient:
         return self
@@ -197,64 +278,215 @@ class BrokerClient:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _call(self, method: str, path: str, accept: str, **kwargs) -> requests.Response:
-        url = f"{self.base_url}{path}"
+    def _deadline_in(self, seconds: float) -> float:
+        at = time.monotonic() + seconds
+        return at if self.run_deadline is None else min(at, self.run_deadline)
+
+    def _call(self, method: str, path: str, accept: str, consume: Callable[[Response, Deadline], T],
+              seconds: float, *, retries: int = 0, query: dict[str, str] | None = None) -> T:
+        """Make one API call under a hard deadline and hand the response to ``consume``.
+
+        Connection failures, timeouts and 502/503/504 are retried ``retries`` times with backoff,
+        as long as the deadline leaves time for another attempt. ``consume`` owns the response.
+
+        :raises BrokerError: the call failed for good; the message names the call, never the key.
+        """
+        target = path + ("?" + urllib.parse.urlencode(query, quote_via=urllib.parse.quote) if query else "")
+        describe = f"{method} {path}"
+        at = self._deadline_in(seconds)
+        limit = max(1, round(at - time.monotonic()))
+        delays = _backoff_delays(self.retry_backoff, retries)
+        while True:
+            deadline = start_deadline(at)
+            try:
+                return self._attempt(method, target, describe, accept, consume, deadline, fresh=not retries)
+            except _Retryable as failure:
+                if deadline.expired or deadline.remaining() <= 0.01:
+                    raise BrokerError(f"broker at {self.base_url} did not answer {describe} within "
+                                      f"{limit} s{failure.so_far}; check that the broker is healthy "
+                                      f"(limits: {_LIMIT_KEYS})") from None
+                problem = failure
+            finally:
+                deadline.finish()
+            delay = next(delays, None)
+            if delay is None or at - time.monotonic() <= delay:
+                raise BrokerError(problem.message) from None
+            logger.info("broker call %s failed (%s); retrying in %.1f s", describe, problem.message, delay)
+            self._sleep(delay)
+
+    def _attempt(self, method: str, target: str, describe: str, accept: str,
+                 consume: Callable[[Response, Deadline], T], deadline: Deadline, fresh: bool) -> T:
         try:
-            response = self.session.request(method, url, headers={"Accept": accept},
-                                            timeout=self.timeout, **kwargs)
-        except requests.exceptions.SSLError as error:
-            raise BrokerError(f"TLS error talking to the broker at {self.base_url}: {error.__class__.__name__}; "
-                              "check the URL and REQUESTS_CA_BUNDLE") from None
-        except requests.exceptions.Timeout:
-            raise BrokerError(f"broker at {self.base_url} did not answer {method} {path} in time") from None
-        except requests.exceptions.RequestException as error:
-            raise BrokerError(f"cannot reach the broker at {self.base_url} ({_reason(error)}); "
-                              "check BROKER.URL and that the broker is running") from None
-        if response.status_code == 401:
+            response = self._pool.request(method, target, {**self._headers, "Accept": accept}, deadline,
+                                          fresh=fresh)
+        except TransportError as error:
+            if not error.retryable:
+                raise BrokerError(f"{error.reason} talking to the broker at {self.base_url}; check BROKER.URL "
+                                  "and REQUESTS_CA_BUNDLE") from None
+            if error.reason == "timed out":
+                raise _Retryable(f"broker at {self.base_url} did not answer {describe} in time", "timed out")
+            raise _Retryable(f"cannot reach the broker at {self.base_url} ({error.reason}); "
+                             "check BROKER.URL and that the broker is running", error.reason) from None
+        status = response.status
+        if status in _RETRY_STATUSES or not 200 <= status < 300:
             response.close()
-            raise BrokerError(f"broker rejected the API key (401) for {method} {path}; "
-                              "check BROKER.API_KEY is an admin key")
-        if not 200 <= response.status_code < 300:
+            if status in _RETRY_STATUSES:
+                raise _Retryable(f"broker answered {status} to {describe}", str(status))
+            raise BrokerError(_status_message(status, describe))
+        try:
+            return consume(response, deadline)
+        except TransportError as error:
             response.close()
-            raise BrokerError(f"broker answered {response.status_code} to {method} {path}")
-        return response
+            if not error.retryable:
+                raise BrokerError(f"broker's answer to {describe} is unreadable ({error.reason})") from None
+            raise _Retryable(f"the answer to {describe} broke off after {error.received} bytes ({error.reason})",
+                             error.reason, f" (got {error.received} bytes)") from None
+        except TooLargeError:
+            raise BrokerError(f"broker's answer to {describe} is larger than {MAX_XML_BYTES // 1048576} MiB, "
+                              "far more than a real broker sends; refusing it (is BROKER.URL the AKTIN "
+                              "broker?)") from None
+        except BaseException:
+            response.close()
+            raise
+
+    def _read_xml(self, path: str, handler: _RequestListParser | _StatusParser,
+                  query: dict[str, str] | None = None) -> None:
+        """GET an XML document into ``handler``, retrying transient failures within the call's deadline."""
+
+        def consume(response: Response, deadline: Deadline) -> None:
+            try:
+                _feed_xml(response.pieces(MAX_XML_BYTES), handler)
+            finally:
+                response.close()
+
+        self._call("GET", path, "application/xml", consume, self.call_timeout, retries=self.retries, query=query)
 
     def check_status(self) -> None:
         """HEAD /broker/status, as the original does before anything else.
 
         :raises BrokerError: unreachable or not answering 200.
         """
-        self._call("HEAD", "/broker/status", "application/xml")
+        self._call("HEAD", "/broker/status", "application/xml", _close, self.call_timeout, retries=self.retries)
 
     def list_tagged_request_ids(self, tag: str) -> list[str]:
         """Ids (as strings) of the requests whose definition carries ``<tag>tag</tag>``."""
-        params = {"type": QUERY_MEDIA_TYPE, "predicate": f"//tag='{tag}'"}
-        response = self._call("GET", "/broker/request/filtered", "application/xml", params=params)
-        return parse_request_ids(response.content)
+        handler = _RequestListParser()
+        self._read_xml("/broker/request/filtered", handler,
+                       {"type": QUERY_MEDIA_TYPE, "predicate": f"//tag='{tag}'"})
+        return handler.ids
 
     def get_completion(self, request_id: str) -> str:
         """The request's completion string (``"0.0"`` … ``"1.0"``) from its status list."""
-        response = self._call("GET", f"/broker/request/{request_id}/status", "application/xml")
-        return parse_completion(response.content)
+        handler = _StatusParser()
+        self._read_xml(f"/broker/request/{request_id}/status", handler)
+        return handler.completion
+
+    def get_completions(self, request_ids: list[str]) -> dict[str, str]:
+        """Completion of every request in ``request_ids``, ``concurrency`` calls at a time, in the given order.
+
+        :raises BrokerError: the first failure (by position in ``request_ids``); the rest are abandoned.
+        """
+        completions = run_parallel(self.get_completion, request_ids, self.concurrency)
+        return dict(zip(request_ids, completions))
 
     def open_result(self, request_id: str) -> ResultStream:
         """Export the request's result bundle and open its download as a stream (close it after use).
 
+        The export is not retried (each call builds a new bundle on the broker); the download GET is.
+
         :raises BrokerError: the export or the start of the download failed.
         """
-        export = self._call("POST", f"/broker/export/request-bundle/{request_id}", "text/plain")
-        uuid = export.text.strip()
+        path = f"/broker/export/request-bundle/{request_id}"
+        uuid = self._call("POST", path, "text/plain", _read_uuid, self.export_timeout)
         if not _UUID.fullmatch(uuid):
             raise BrokerError(f"broker export of request {request_id} returned no download id")
-        response = self._call("GET", f"/broker/download/{uuid}", "application/zip, */*", stream=True)
-        return ResultStream(request_id, response)
+        # The download may last as long as the run may; it fails sooner only if it stalls.
+        lifetime = start_deadline(self.run_deadline if self.run_deadline is not None
+                                  else time.monotonic() + 7 * 86400)
+
+        def keep(response: Response, deadline: Deadline) -> Response:
+            response.watch_with(lifetime)
+            response.set_stall_timeout(self.call_timeout)
+            return response
+
+        try:
+            response = self._call("GET", f"/broker/download/{uuid}", "application/zip, */*", keep,
+                                  self.call_timeout, retries=self.retries)
+        except BaseException:
+            lifetime.finish()
+            raise
+        return ResultStream(request_id, response, lifetime)
 
 
-def _reason(error: Exception) -> str:
-    """A short cause for a requests exception, without URLs' query strings or headers."""
-    text = str(error) or str(error.__context__)
-    for marker in ("Connection refused", "Name or service not known", "timed out", "Connection reset",
-                   "No route to host", "IncompleteRead", "Connection broken"):
-        if marker in text:
-            return marker.lower()
-    return error.__class__.__name__
+T = TypeVar("T")
+_LIMIT_KEYS = "BROKER.CALL_TIMEOUT, BROKER.EXPORT_TIMEOUT, MISC.RUN_TIMEOUT"
+
+
+class _Retryable(Exception):
+    """A failure worth another attempt if time allows."""
+
+    def __init__(self, message: str, reason: str, so_far: str = ""):
+        super().__init__(message)
+        self.message = message
+        self.reason = reason
+        self.so_far = so_far
+
+
+def _status_message(status: int, describe: str) -> str:
+    if status == 401:
+        return (f"broker rejected the API key (401) for {describe}; check that BROKER.API_KEY is an "
+                "admin key")
+    if status == 404 and describe.endswith("/broker/status"):
+        return (f"broker answered 404 to {describe}; check BROKER.URL (the server's root, without /broker "
+                "at the end)")
+    return f"broker answered {status} to {describe}"
+
+
+def _close(response: Response, deadline: Deadline) -> None:
+    response.close()
+
+
+def _read_uuid(response: Response, deadline: Deadline) -> str:
+    try:
+        text = response.read_all(1024)
+    finally:
+        response.close()
+    return text.decode("ascii", "replace").strip()
+
+
+def run_parallel(function: Callable[[str], T], items: list[str], workers: int) -> list[T]:
+    """``[function(item) for item in items]`` on up to ``workers`` daemon threads, results in order.
+
+    The first exception (by position) is raised once the calls before it are done; no new calls
+    start after a failure. Daemon threads, because a call stuck past an interrupt must not keep the
+    process alive (every call has its own hard deadline anyway).
+    """
+    if workers <= 1 or len(items) <= 1:
+        return [function(item) for item in items]
+    results: list[object] = [None] * len(items)
+    errors: dict[int, BaseException] = {}
+    positions = iter(range(len(items)))
+    lock = threading.Lock()
+    finished = threading.Semaphore(0)
+
+    def work() -> None:
+        while True:
+            with lock:
+                position = next(positions, None) if not errors else None
+            if position is None:
+                finished.release()
+                return
+            try:
+                results[position] = function(items[position])
+            except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
+                with lock:
+                    errors[position] = error
+
+    count = min(workers, len(items))
+    for number in range(count):
+        threading.Thread(target=work, name=f"broker-{number}", daemon=True).start()
+    for _ in range(count):
+        finished.acquire()
+    if errors:
+        raise errors[min(errors)]
+    return results  # type: ignore[return-value]

@@ -17,7 +17,7 @@ import click
 from broker_sftp_uploader import __version__, interrupts
 from broker_sftp_uploader.config import load_config
 from broker_sftp_uploader.crypto import decrypt_file, decrypt_to_stream, generate_key_file, load_keys
-from broker_sftp_uploader.errors import EXIT_KEY, UploaderError
+from broker_sftp_uploader.errors import EXIT_DELETES_REFUSED, EXIT_KEY, UploaderError
 from broker_sftp_uploader.job import exit_code_for, run_sync
 
 EXIT_INTERRUPTED = 130
@@ -28,10 +28,13 @@ Exit codes:
    1  unexpected error (a bug: please report the traceback)
    2  usage error
    3  partial: some requests failed, the rest were done and recorded
+   4  deletions refused: the run would delete more files than
+      REQUESTS.MAX_DELETE_PERCENT / MAX_DELETE_COUNT allow; uploads were
+      done, nothing deleted (check REQUESTS.TAG, or pass --allow-deletes)
   10  config invalid
   11  another run holds the lock
-  12  key missing or invalid / decryption failed
-  13  broker unreachable or answering errors
+  12  key missing or invalid (Fernet key, SSH private key) / decryption failed
+  13  broker unreachable, answering errors, or too slow (time limits)
   14  SFTP connect, login or transfer failure
   15  ledger (status.xml) unreadable or unwritable
 """
@@ -59,8 +62,6 @@ def _setup_logging(verbosity: int) -> None:
     root.setLevel(level)
     # paramiko reports failures we report ourselves, in several lines; keep it quiet unless -vv.
     logging.getLogger("paramiko").setLevel(logging.DEBUG if verbosity >= 2 else logging.CRITICAL)
-    # urllib3 warns on every retry; the final error says it all unless progress was asked for.
-    logging.getLogger("urllib3").setLevel({0: logging.ERROR, 1: logging.WARNING}.get(verbosity, logging.DEBUG))
 
 
 def _fail(message: str, code: int) -> None:
@@ -98,9 +99,11 @@ def cli() -> None:
               type=click.Path(dir_okay=False, path_type=Path), show_envvar=True,
               help="TOML config file (the original script's format).")
 @click.option("--dry-run", is_flag=True, help="Print what would be done; change nothing anywhere.")
+@click.option("--allow-deletes", is_flag=True,
+              help="Delete vanished requests' files even beyond the mass-deletion guard (this run only).")
 @_verbose_option
 @_reports_errors
-def sync(config_path: Path, dry_run: bool, verbose: int) -> None:
+def sync(config_path: Path, dry_run: bool, allow_deletes: bool, verbose: int) -> None:
     """Upload new and changed results, delete vanished ones, and record it all in the ledger.
 
     Quiet on success; meant to run from cron.
@@ -108,8 +111,12 @@ def sync(config_path: Path, dry_run: bool, verbose: int) -> None:
     _setup_logging(verbose)
     interrupts.install()
     config = load_config(config_path)
-    report = run_sync(config, dry_run=dry_run, show=click.echo)
+    report = run_sync(config, dry_run=dry_run, allow_deletes=allow_deletes, show=click.echo)
     code = exit_code_for(report)
+    if code == EXIT_DELETES_REFUSED:
+        _fail(report.refusal or "deletions refused", code)
+    if report.refusal:
+        logging.getLogger(__name__).error("%s", report.refusal)
     if code:
         failed = ", ".join(request_id for request_id, _ in report.failures)
         _fail(f"{len(report.failures)} action(s) failed ({failed}); {report.summary()}; "

@@ -9,6 +9,7 @@ EXIT_OK = 0
 EXIT_UNEXPECTED = 1
 EXIT_USAGE = 2
 EXIT_PARTIAL = 3
+EXIT_DELETES_REFUSED = 4
 EXIT_CONFIG = 10
 EXIT_LOCKED = 11
 EXIT_KEY = 12
@@ -70,6 +71,12 @@ class SftpError(UploaderError):
     """Connecting, authenticating or transferring over SFTP failed."""
 
     exit_code = EXIT_SFTP
+
+
+class DeletionRefusedError(UploaderError):
+    """The run would delete more remote files than the mass-deletion guard allows; it deleted none."""
+
+    exit_code = EXIT_DELETES_REFUSED
 
 
 class LedgerError(UploaderError):

@@ -1,13 +1,14 @@
 """The ``sync`` command's work, from a validated config to a report: lock, key, ledger, broker, SFTP.
 
 Order of the checks decides which failure an operator sees first: config (by the caller), lock,
-key, ledger, broker, SFTP. Nothing is written anywhere before the broker has answered.
+keys (Fernet, SSH), ledger, broker, SFTP. Nothing is written anywhere before the broker has answered.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,48 +16,67 @@ from broker_sftp_uploader.atomic import leftover_temp_files
 from broker_sftp_uploader.broker import BrokerClient
 from broker_sftp_uploader.config import Config
 from broker_sftp_uploader.crypto import load_keys
-from broker_sftp_uploader.errors import EXIT_OK, EXIT_PARTIAL
+from broker_sftp_uploader.errors import EXIT_DELETES_REFUSED, EXIT_OK, EXIT_PARTIAL
+from broker_sftp_uploader.journal import JOURNAL_SUFFIX, PartialsJournal
 from broker_sftp_uploader.ledger import Ledger
 from broker_sftp_uploader.lock import RunLock
 from broker_sftp_uploader.sftp import SftpConnection
-from broker_sftp_uploader.sync import Plan, Report, SyncRunner, fetch_listing, ledger_digest_path, plan_sync
+from broker_sftp_uploader.sync import (
+    DeletionGuard,
+    Plan,
+    Report,
+    SyncRunner,
+    fetch_listing,
+    ledger_digest_path,
+    plan_sync,
+)
 
 logger = logging.getLogger(__name__)
 
 
-def run_sync(config: Config, *, dry_run: bool = False, show: Callable[[str], None] = print) -> Report:
+def run_sync(config: Config, *, dry_run: bool = False, allow_deletes: bool = False,
+             show: Callable[[str], None] = print) -> Report:
     """Synchronise the broker's tagged results to the SFTP server as ``config`` says.
 
     With ``dry_run`` the plan is passed line by line to ``show`` and nothing is changed anywhere
     (no lock file, no export on the broker, no SFTP connection, no ledger write).
+    ``allow_deletes`` lifts the mass-deletion guard for this run.
 
     :raises UploaderError: a failure that stops the whole run (lock, key, ledger, broker, SFTP connect).
     """
+    deadline = time.monotonic() + config.run_timeout
     lock = contextlib.nullcontext() if dry_run else RunLock(config.working_dir)
     with lock:
+        journal_path = config.ledger_path.with_name(config.ledger_path.name + JOURNAL_SUFFIX)
         if not dry_run:
             remove_stale_temp_files([config.ledger_path, ledger_digest_path(config.ledger_path),
-                                     config.sftp.known_hosts])
+                                     config.sftp.known_hosts, journal_path])
         key = load_keys(config.key_path)[0]
         ledger = Ledger.load(config.ledger_path)
-        with BrokerClient(config.broker.url, config.broker.api_key, ca_bundle=config.broker.ca_bundle) as broker:
-            listing = fetch_listing(broker, config.broker.tag)
+        journal = None if dry_run else PartialsJournal(journal_path)
+        guard = DeletionGuard(config.max_delete_percent, config.max_delete_count, allow_deletes)
+        sftp = SftpConnection(config.sftp, journal, deadline)  # loads an SSH key: fails before any work
+        broker_settings = config.broker
+        with BrokerClient(broker_settings.url, broker_settings.api_key, ca_bundle=broker_settings.ca_bundle,
+                          call_timeout=broker_settings.call_timeout, export_timeout=broker_settings.export_timeout,
+                          retries=broker_settings.retries, run_deadline=deadline) as broker:
+            listing = fetch_listing(broker, broker_settings.tag)
             entries = ledger.entries()
-            plan = plan_sync(listing, entries)
-            active = sum(1 for entry in entries.values() if not entry.is_deleted)
-            if not listing and active:
-                logger.warning("the broker lists no request tagged %r, so all %d file(s) recorded in the "
-                               "ledger are deleted from the server; check REQUESTS.TAG if that is wrong",
-                               config.broker.tag, active)
-            sftp = SftpConnection(config.sftp)
-            runner = SyncRunner(broker, sftp, ledger, key, upload_ledger=config.sftp.upload_ledger)
+            plan = plan_sync(listing, entries, guard)
+            if not listing and plan.live:
+                logger.warning("the broker lists no request tagged %r while the ledger has %d live file(s); "
+                               "check REQUESTS.TAG", broker_settings.tag, plan.live)
+            runner = SyncRunner(broker, sftp, ledger, key, upload_ledger=config.sftp.upload_ledger,
+                                deadline=deadline)
             if dry_run:
                 _show_plan(plan, runner, show)
-                return Report(unchanged=plan.unchanged)
-            if not plan.actions and not (config.sftp.upload_ledger and runner.ledger_needs_upload()):
+                return Report(unchanged=plan.unchanged, refusal=plan.refusal())
+            leftovers = journal is not None and journal.leftovers()
+            if not plan.actions and not leftovers and not (config.sftp.upload_ledger and runner.ledger_needs_upload()):
                 logger.info("nothing to do: %d request(s) unchanged", plan.unchanged)
-                return Report(unchanged=plan.unchanged)
+                return Report(unchanged=plan.unchanged, refusal=plan.refusal())
             with sftp:
+                sftp.remove_leftover_parts()
                 report = runner.run(plan)
     logger.info("%s", report.summary())
     return report
@@ -75,6 +95,8 @@ def remove_stale_temp_files(files: list[Path]) -> None:
 def _show_plan(plan: Plan, runner: SyncRunner, show: Callable[[str], None]) -> None:
     for action in plan.actions:
         show(f"would {action.describe()}")
+    for action in plan.refused:
+        show(f"would NOT {action.describe()}: mass-deletion guard")
     ledger_note = runner.upload_ledger and (plan.actions or runner.ledger_needs_upload())
     if ledger_note:
         show("would upload the ledger as status.xml")
@@ -83,9 +105,12 @@ def _show_plan(plan: Plan, runner: SyncRunner, show: Callable[[str], None]) -> N
 
 
 def exit_code_for(report: Report) -> int:
-    """0 when everything worked; 3 when some actions failed and others worked; else the failure's code."""
+    """0 when everything worked; 3 when some actions failed and others worked; else the failure's code.
+
+    Refused deletions (exit 4) count only when nothing failed: a failure is the more urgent news.
+    """
     if not report.failures:
-        return EXIT_OK
+        return EXIT_DELETES_REFUSED if report.refusal else EXIT_OK
     if report.uploaded or report.deleted or report.ledger_uploaded:
         return EXIT_PARTIAL
     return report.failures[0][1].exit_code

@@ -9,6 +9,7 @@ as they are, so both tools can go on using the same ledger.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,6 +20,10 @@ from broker_sftp_uploader.atomic import atomic_write
 from broker_sftp_uploader.errors import LedgerError
 
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S"
+# A remote file name we recorded: a plain base name in FOLDERNAME, never hidden, never a path.
+_SAFE_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+RESERVED_FILE_NAMES = frozenset({"status.xml"})
+_CONVENTIONAL_NAME = re.compile(r"export_([0-9]{1,18})\.zip")
 FORMAT_VERSION = "1"
 
 
@@ -42,6 +47,21 @@ class LedgerEntry:
     def is_deleted(self) -> bool:
         """True when the request's file was deleted from the SFTP server."""
         return self.deleted is not None
+
+    @property
+    def file_name(self) -> str:
+        """The remote file this entry owns: the recorded ``<file>``, else the broker's ``export_<id>.zip``."""
+        return self.remote_name or default_file_name(self.request_id)
+
+
+def default_file_name(request_id: str) -> str:
+    """The broker's name for a request's bundle, which is what we upload it as."""
+    return f"export_{request_id}.zip"
+
+
+def is_safe_file_name(name: str) -> bool:
+    """True for a plain, visible base name that is not one of our own files."""
+    return bool(_SAFE_FILE_NAME.fullmatch(name)) and ".." not in name and name.lower() not in RESERVED_FILE_NAMES
 
 
 def _child_text(element: etree._Element, name: str) -> str | None:
@@ -76,6 +96,32 @@ class Ledger:
                 raise LedgerError(f"ledger {self.path} lists request {request_id} twice; "
                                   "remove one of the entries")
             self._elements[request_id] = element
+        self._check_file_names()
+
+    def _check_file_names(self) -> None:
+        """Refuse ``<file>`` values that could reach outside FOLDERNAME or that two live entries share.
+
+        The ledger may come back from the server's copy, which the receiving side can edit, so a
+        name in it is as untrusted as one from the broker: it is used to delete files.
+        """
+        owners: dict[str, str] = {}
+        for request_id, entry in self.entries().items():
+            if entry.remote_name is not None and not is_safe_file_name(entry.remote_name):
+                raise LedgerError(f"ledger {self.path}: request {request_id} names the file "
+                                  f"{entry.remote_name[:60]!r}, which is not a plain file name in FOLDERNAME; "
+                                  "fix or remove that <file> element")
+            claimed = _CONVENTIONAL_NAME.fullmatch(entry.file_name)
+            if claimed and str(int(claimed.group(1))) != request_id:
+                raise LedgerError(f"ledger {self.path}: request {request_id} names the file {entry.file_name}, "
+                                  f"which is request {int(claimed.group(1))}'s by the broker's convention; "
+                                  f"set it to {default_file_name(request_id)} or remove that <file> element")
+            if entry.is_deleted:
+                continue
+            other = owners.setdefault(entry.file_name, request_id)
+            if other != request_id:
+                raise LedgerError(f"ledger {self.path}: requests {other} and {request_id} both claim the "
+                                  f"remote file {entry.file_name}; remove the wrong <file> element (the "
+                                  "request whose id is not in the name)")
 
     @classmethod
     def load(cls, path: Path) -> Ledger:
@@ -96,6 +142,9 @@ class Ledger:
         except etree.XMLSyntaxError as error:
             raise LedgerError(f"ledger {path} is not valid XML ({error}); restore it from the copy "
                               "on the SFTP server or move it away to start afresh (re-uploads everything)") from None
+        if root.getroottree().docinfo.doctype or root.getroottree().docinfo.internalDTD is not None:
+            raise LedgerError(f"ledger {path} contains a DOCTYPE, which no ledger of ours has; remove the "
+                              "<!DOCTYPE …> part (and any entity references) or restore a clean copy")
         if root.tag != "status":
             raise LedgerError(f"ledger {path} has root <{root.tag}>, expected <status>")
         root.set("version", root.get("version", FORMAT_VERSION))

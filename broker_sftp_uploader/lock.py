@@ -6,13 +6,17 @@ crashed run never leaves a stale lock behind.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import re
+import stat
 from pathlib import Path
 
 from broker_sftp_uploader.errors import LedgerError, LockedError
 
 LOCK_FILE_NAME = "status.xml.lock"
+_PID_TEXT = re.compile(rb"[0-9]{0,10}\n?")
 
 
 class RunLock:
@@ -28,12 +32,18 @@ class RunLock:
         :raises LockedError: another process holds it (its pid is named when known).
         :raises LedgerError: the lock file cannot be created in the working folder.
         """
+        # O_NOFOLLOW: a symlink planted at the lock's path must not make us write through it.
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, flags, 0o644)
         except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise LedgerError(f"lock file {self.path} is a symbolic link; remove it (a run creates a "
+                                  "plain file there)") from None
             raise LedgerError(f"cannot open lock file {self.path}: {error.strerror}; "
                               "check the permissions of MISC.WORKING_DIR") from None
         try:
+            self._check_ours(fd)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
@@ -41,9 +51,22 @@ class RunLock:
             who = f" (pid {holder})" if holder.isdigit() else ""
             raise LockedError(f"another run holds the lock {self.path}{who}; "
                               "wait for it to finish") from None
+        except BaseException:
+            os.close(fd)
+            raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+
+    def _check_ours(self, fd: int) -> None:
+        """Refuse a lock path that is not a plain file of ours: we write our pid into it."""
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            raise LedgerError(f"lock file {self.path} is not a plain file (a hard link or a special file); "
+                              "remove it (a run creates a plain file there)")
+        if not _PID_TEXT.fullmatch(os.pread(fd, 16, 0)):
+            raise LedgerError(f"lock file {self.path} holds something other than a process id, so it is not "
+                              "ours; move it away")
 
     def release(self) -> None:
         """Drop the lock (the file stays; it is reused by the next run)."""

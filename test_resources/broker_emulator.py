@@ -25,6 +25,7 @@ import threading
 import time
 import uuid
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.utils import formatdate, parsedate_to_datetime
@@ -213,6 +214,19 @@ class _Fault:
     truncate_after: int | None
     delay: float
     remaining: int
+    hostile: str | None = None  # one of HOSTILE_ANSWERS: answer like a broken or malicious server
+    size: int = 0  # bytes for the hostile answers that have a size
+
+
+# What a broken or malicious "broker" may do instead of answering (see `inject_hostile`).
+HOSTILE_ANSWERS = {
+    "silent": "accept the request and never answer",
+    "trickle": "send a valid status line and headers, then one body byte per `delay` seconds, forever",
+    "trickle_headers": "send the status line and headers one byte per `delay` seconds",
+    "huge": "send a `size`-byte XML body of real-looking request elements (Content-Length set)",
+    "gzip_bomb": "send a small gzip body that inflates to `size` bytes of XML",
+    "endless": "send a chunked body of XML elements that never ends",
+}
 
 
 class _Endpoint(NamedTuple):
@@ -336,12 +350,15 @@ class BrokerEmulator:
         data_dir: Path | None = None,
         api_keys: dict[str, str] | None = None,
         download_lifetime: float = 600.0,
+        latency: float = 0.0,
     ):
         self.host = host
         self.port = port
         self._data_dir = Path(data_dir) if data_dir is not None else None
         self._api_keys = dict(DEFAULT_API_KEYS if api_keys is None else api_keys)
         self._download_lifetime = download_lifetime
+        self.latency = latency  # seconds added before every response, like a broker across a network
+        self.export_seconds: list[float] = []  # how long each bundle took to build (for benchmarks)
         self._lock = threading.Lock()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -350,6 +367,9 @@ class BrokerEmulator:
         # Every received request in arrival order (appended under the lock; `.clear()` to reset).
         self.requests_log: list[LoggedRequest] = []
         self._faults: list[_Fault] = []
+        self._server_stopping = threading.Event()  # ends the waiting hostile answers
+        # Test hook: request id -> the file name a hostile broker puts into Content-Disposition.
+        self.download_names: dict[int, str] = {}
         self._next_request_id = 0
         self._next_node_id = 0
         self._requests: dict[int, bx.RequestInfo] = {}
@@ -363,6 +383,7 @@ class BrokerEmulator:
 
     def start(self) -> BrokerEmulator:
         """Bind the port and serve in a daemon thread."""
+        self._server_stopping.clear()
         self._owns_dir = self._data_dir is None
         self._dir = Path(tempfile.mkdtemp(prefix="broker-emulator-")) if self._owns_dir else self._data_dir
         for sub in ("incoming", "results", "downloads"):
@@ -382,6 +403,7 @@ class BrokerEmulator:
         """Stop serving, cut open connections and remove the private data directory."""
         if self._server is None:
             return
+        self._server_stopping.set()
         self._server.shutdown()
         self._server.close_connections()
         self._server.server_close()
@@ -432,6 +454,16 @@ class BrokerEmulator:
         with self._lock:
             self._faults.append(fault)
 
+    def inject_hostile(self, method: str, path_regex: str, answer: str, *, delay: float = 1.0, size: int = 0,
+                       times: int = 1) -> None:
+        """Answer the next `times` matching requests like a hostile server would; `answer` is a key of
+        HOSTILE_ANSWERS. The connection is closed afterwards."""
+        if answer not in HOSTILE_ANSWERS:
+            raise ValueError(f"answer must be one of {sorted(HOSTILE_ANSWERS)}")
+        fault = _Fault(method.upper(), re.compile(path_regex), None, None, delay, times, answer, size)
+        with self._lock:
+            self._faults.append(fault)
+
     def clear_faults(self) -> None:
         """Remove all pending faults."""
         with self._lock:
@@ -458,7 +490,16 @@ class BrokerEmulator:
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
         with self._lock:
             self.requests_log.append(LoggedRequest(handler.command, split.path, split.query, headers))
+        if self.latency > 0:
+            time.sleep(self.latency)
         fault = self._take_fault(handler.command, split.path)
+        if fault is not None and fault.hostile is not None:
+            handler.close_connection = True
+            try:
+                _answer_hostile(handler, fault, self._server_stopping)
+            except OSError:
+                pass
+            return
         if fault is not None and fault.delay > 0:
             time.sleep(fault.delay)
         response = None
@@ -879,8 +920,11 @@ class BrokerEmulator:
             ]
         token = str(uuid.uuid4())
         path = self._dir / "downloads" / f"{token}.zip"
+        started = time.monotonic()
         try:
             _write_bundle(path, info, definitions, rows, results)
+            with self._lock:
+                self.export_seconds.append(time.monotonic() - started)
         except BaseException:
             path.unlink(missing_ok=True)
             raise
@@ -909,15 +953,67 @@ class BrokerEmulator:
             [
                 ("Content-Type", "application/zip"),
                 ("Last-Modified", formatdate(download.created, usegmt=True)),
-                ("Content-Disposition", f'inline; filename="export_{download.request_id}.zip"'),
+                ("Content-Disposition", f'inline; filename="{self.download_names.get(download.request_id, f"export_{download.request_id}.zip")}"'),
             ],
         )
+
+
+def _answer_hostile(handler: _Handler, fault: _Fault, stopping: threading.Event) -> None:
+    """Write one of the HOSTILE_ANSWERS; the waiting ones end when the emulator stops."""
+    out = handler.wfile
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\n"
+    opening = b'<request-list xmlns="http://aktin.org/ns/exchange">'
+    numbers = iter(range(10**9))
+
+    def elements(count: int) -> bytes:  # distinct ids, like a real listing
+        return b"".join(b'<request id="%09d"><published>2024-05-02T10:15:30.123456Z</published>'
+                        b"<targeted>false</targeted></request>" % next(numbers) for _ in range(count))
+
+    element = elements(1)
+    if fault.hostile == "silent":
+        stopping.wait()
+    elif fault.hostile in ("trickle", "trickle_headers"):
+        if fault.hostile == "trickle":
+            out.write(head + b"Content-Length: 1000000\r\n\r\n" + opening)
+            out.flush()
+            payload = elements(10000)
+        else:
+            payload = head + b"X-Padding: " + b"a" * 60000 + b"\r\n\r\n"
+        for byte in payload:
+            if stopping.wait(fault.delay):
+                return
+            out.write(bytes([byte]))
+            out.flush()
+    elif fault.hostile == "huge":
+        count = max(0, (fault.size - len(opening) - 16) // len(element))
+        out.write(head + b"Content-Length: %d\r\n\r\n" % (len(opening) + count * len(element) + 15) + opening)
+        for _ in range(count // 1000):
+            out.write(elements(1000))
+        out.write(elements(count % 1000) + b"</request-list>")
+    elif fault.hostile == "gzip_bomb":
+        compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
+        body = compressor.compress(opening)
+        filler = b"<!-- " + b"x" * (1024 * 1024) + b" -->"
+        for _ in range(fault.size // len(filler)):
+            body += compressor.compress(filler)
+        body += compressor.compress(b"</request-list>") + compressor.flush()
+        out.write(head + b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    elif fault.hostile == "endless":
+        out.write(head + b"Transfer-Encoding: chunked\r\n\r\n")
+        out.write(b"%x\r\n" % len(opening) + opening + b"\r\n")
+        while not stopping.is_set():
+            block = elements(1000)
+            out.write(b"%x\r\n" % len(block) + block + b"\r\n")
+    out.flush()
 
 
 class _Handler(BaseHTTPRequestHandler):
     """Hands every request to the emulator; keep-alive capable (HTTP/1.1, Content-Length always set)."""
 
     protocol_version = "HTTP/1.1"
+    # Jetty sets TCP_NODELAY on accepted sockets; without it a keep-alive client waits ~40 ms per
+    # response (Nagle + delayed ACK) and every timing measures the emulator.
+    disable_nagle_algorithm = True
     server: _Server
 
     def version_string(self) -> str:
@@ -947,6 +1043,7 @@ class _Server(ThreadingHTTPServer):
     """Threading server that remembers its open connections so `stop()` can cut idle keep-alives."""
 
     daemon_threads = True
+    request_queue_size = 50  # the JVM's default listen backlog, as Jetty has it (socketserver's is 5)
 
     def __init__(self, address: tuple[str, int], emulator: BrokerEmulator):
         self.emulator = emulator
@@ -981,11 +1078,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--port-file", type=Path, help="write the bound port here (atomically)")
     parser.add_argument("--data-dir", type=Path, help="keep results and bundles here instead of a temp dir")
+    parser.add_argument("--latency", type=float, default=0.0,
+                        help="seconds added before every response (a broker across a network)")
     args = parser.parse_args(argv)
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
-    with BrokerEmulator(args.host, args.port, data_dir=args.data_dir) as emulator:
+    with BrokerEmulator(args.host, args.port, data_dir=args.data_dir, latency=args.latency) as emulator:
         print(f"broker emulator listening on {emulator.url}", flush=True)
         if args.port_file is not None:
             partial = args.port_file.with_name(f".{args.port_file.name}.{os.getpid()}.tmp")

@@ -1,7 +1,10 @@
 """Launch a throw-away OpenSSH sshd on 127.0.0.1 for SFTP integration tests.
 
-Logins are limited to two system users, created on demand and kept: ``bsu-sftp`` (password)
-and ``bsu-sftpkey`` (public key only). Every session is forced into ``internal-sftp`` with
+Logins are limited to three system users, created on demand and kept: ``bsu-sftp`` (password),
+``bsu-sftpkey`` (public key only) and ``bsu-sftpboth`` (``AuthenticationMethods publickey,password``:
+a key and then the password). Client keys of every type (ed25519, ECDSA, RSA) in OpenSSH and PEM
+format, each plain or encrypted with ``client_key_passphrase``, are made on demand and authorized
+for both key users (see ``client_key``). Every session is forced into ``internal-sftp`` with
 ``sftp_root`` as start directory, so relative remote paths resolve inside it. Standalone::
 
     python -m test_resources.sshd --base-dir DIR [--folder rki ...]
@@ -36,6 +39,9 @@ if TYPE_CHECKING:
 GROUP = "bsu-sftp"
 PASSWORD_USER = "bsu-sftp"
 KEY_USER = "bsu-sftpkey"
+BOTH_USER = "bsu-sftpboth"
+KEY_TYPES = ("ed25519", "ecdsa", "rsa")
+KEY_FORMATS = ("openssh", "pem")
 PRIVSEP_DIR = Path("/run/sshd")
 STATE_DIR = Path("/run/bsu-sftp-harness")
 PORT_ATTEMPTS = 5
@@ -105,6 +111,7 @@ class SshdServer:
     host = "127.0.0.1"
     password_user = PASSWORD_USER
     key_user = KEY_USER
+    both_user = BOTH_USER
 
     def __init__(self, base_dir: Path, folders: tuple[str, ...] = ("rki",)) -> None:
         self.base_dir = Path(base_dir).absolute()
@@ -114,6 +121,8 @@ class SshdServer:
         self.sftp_root = self.base_dir / "sftp"
         self.log_path = self.base_dir / "sshd.log"
         self.client_key_path = self.base_dir / "client_ed25519"
+        self.client_keys_dir = self.base_dir / "client_keys"
+        self.client_key_passphrase: str | None = None
         self.port: int | None = None
         self.password: str | None = None
         self.host_public_key_line: str | None = None
@@ -134,6 +143,37 @@ class SshdServer:
     def pid(self) -> int | None:
         """Pid of the sshd listener while running."""
         return self._proc.pid if self._proc else None
+
+    def client_key(self, key_type: str = "ed25519", key_format: str = "openssh",
+                   encrypted: bool = False) -> Path:
+        """Path of a client private key (mode 0600) authorized for key_user and both_user.
+
+        ``key_type`` is one of KEY_TYPES, ``key_format`` one of KEY_FORMATS: "openssh" is ssh-keygen's
+        default format, "pem" is ``ssh-keygen -m PEM`` (traditional PEM) for ECDSA and RSA, and PKCS#8
+        PEM for ed25519, which ssh-keygen cannot write as PEM. Encrypted keys use
+        ``client_key_passphrase``. Made on first use (RSA takes a moment) and kept until the next start.
+        """
+        if key_type not in KEY_TYPES or key_format not in KEY_FORMATS:
+            raise ValueError(f"no client key of type {key_type!r} and format {key_format!r}")
+        if self.client_key_passphrase is None:
+            raise RuntimeError("start the server first")
+        path = self.client_keys_dir / f"{key_type}-{key_format}{'-encrypted' if encrypted else ''}"
+        if not path.exists():
+            passphrase = self.client_key_passphrase if encrypted else ""
+            if key_type == "ed25519" and key_format == "pem":
+                _write_pkcs8_ed25519(path, passphrase)
+            else:
+                _run(_tool("ssh-keygen"), "-q", "-t", key_type, "-N", passphrase, "-C", "",
+                     *(("-m", "PEM") if key_format == "pem" else ()), "-f", str(path))
+            path.chmod(0o600)
+            self._authorize(path.with_suffix(".pub").read_text())
+        return path
+
+    def _authorize(self, public_key_line: str) -> None:
+        """Append a public key to the authorized_keys of both key users (sshd reads them at each login)."""
+        for user in (KEY_USER, BOTH_USER):
+            with (self.base_dir / "authorized_keys" / user).open("a") as handle:
+                handle.write(f"restrict {public_key_line.strip()}\n")
 
     def folder(self, name: str) -> Path:
         """Local path of upload folder ``name`` under sftp_root (created setgid 2775, group bsu-sftp)."""
@@ -172,7 +212,7 @@ class SshdServer:
         """Create users, passwords, directories, keys and authorized_keys for this launch."""
         PRIVSEP_DIR.mkdir(mode=0o755, exist_ok=True)
         _run(_tool("groupadd"), "--system", "--force", GROUP)
-        for user in (PASSWORD_USER, KEY_USER):  # useradd exit code 9: user exists already
+        for user in (PASSWORD_USER, KEY_USER, BOTH_USER):  # useradd exit code 9: user exists already
             _run(_tool("useradd"), "--system", "--no-create-home", "--home-dir", "/", "--gid", GROUP,
                  "--shell", _tool("nologin"), user, ok=(0, 9))
         self._set_passwords()
@@ -198,14 +238,20 @@ class SshdServer:
         auth_dir = self.base_dir / "authorized_keys"  # read by sshd with the user's privileges
         auth_dir.mkdir(exist_ok=True)
         auth_dir.chmod(0o755)
-        (auth_dir / KEY_USER).write_text("restrict " + self.client_key_path.with_suffix(".pub").read_text())
-        (auth_dir / KEY_USER).chmod(0o644)
+        for user in (KEY_USER, BOTH_USER):
+            (auth_dir / user).write_text("")
+            (auth_dir / user).chmod(0o644)
+        self._authorize(self.client_key_path.with_suffix(".pub").read_text())
+        shutil.rmtree(self.client_keys_dir, ignore_errors=True)  # client_key() makes them anew
+        self.client_keys_dir.mkdir(mode=0o700)
+        self.client_key_passphrase = secrets.token_urlsafe(12)
 
     def _set_passwords(self) -> None:
-        """chpasswd both users: a new random password, unless another live server's is still in use.
+        """chpasswd the users: a new random password, unless another live server's is still in use.
 
-        Both users are machine-wide, so overlapping servers (other sessions, nested fixtures)
-        must share one password; the live ones are tracked by holder files in STATE_DIR.
+        The users are machine-wide, so overlapping servers (other sessions, nested fixtures) must
+        share one password; the live ones are tracked by holder files in STATE_DIR. The password
+        user and the key-and-password user share it; the key-only user gets an unused random one.
         """
         STATE_DIR.mkdir(mode=0o700, exist_ok=True)
         with (STATE_DIR / "lock").open("w") as lock:
@@ -219,20 +265,23 @@ class SshdServer:
             secret = STATE_DIR / "password"
             self.password = secret.read_text() if live and secret.exists() else secrets.token_urlsafe(18)
             secret.write_text(self.password)
-            accounts = {PASSWORD_USER: self.password, KEY_USER: secrets.token_urlsafe(18)}
+            accounts = {PASSWORD_USER: self.password, BOTH_USER: self.password,
+                        KEY_USER: secrets.token_urlsafe(18)}
             _run(_tool("chpasswd"), stdin="".join(f"{u}:{p}\n" for u, p in accounts.items()))
             self._holder.touch()
 
     def _config(self, port: int) -> str:
-        """sshd_config: SFTP only, two users, VERBOSE log; internal-sftp splits its args on spaces."""
+        """sshd_config: SFTP only, three users, VERBOSE log; internal-sftp splits its args on spaces."""
         return "\n".join([
             f"ListenAddress {self.host}", f"Port {port}", f"HostKey {self._host_key}", "PidFile none",
-            "UsePAM no", "StrictModes no", "PermitRootLogin no", f"AllowUsers {PASSWORD_USER} {KEY_USER}",
+            "UsePAM no", "StrictModes no", "PermitRootLogin no",
+            f"AllowUsers {PASSWORD_USER} {KEY_USER} {BOTH_USER}",
             "PasswordAuthentication yes", "KbdInteractiveAuthentication no", "PubkeyAuthentication yes",
             f"AuthorizedKeysFile {self.base_dir}/authorized_keys/%u", "LogLevel VERBOSE",
             "AllowTcpForwarding no", "AllowAgentForwarding no", "X11Forwarding no", "PermitTTY no",
             "Subsystem sftp internal-sftp", f"ForceCommand internal-sftp -d {self.sftp_root} -u 0002",
-            f"Match User {KEY_USER}", "    PasswordAuthentication no", "",
+            f"Match User {KEY_USER}", "    PasswordAuthentication no",
+            f"Match User {BOTH_USER}", "    AuthenticationMethods publickey,password", "",
         ])
 
     def _free_port(self) -> int:
@@ -309,6 +358,20 @@ class SshdServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+def _write_pkcs8_ed25519(path: Path, passphrase: str) -> None:
+    """Write an ed25519 key as PKCS#8 PEM (encrypted if ``passphrase``) and its OpenSSH ``.pub`` beside it."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    encryption = (serialization.BestAvailableEncryption(passphrase.encode()) if passphrase
+                  else serialization.NoEncryption())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+    path.write_bytes(pem)
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    path.with_suffix(".pub").write_bytes(public + b"\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,7 +74,7 @@ class Workspace:
     def rewrite_config(self, old: str, new: str) -> None:
         assert old in self.config_text
         self.config_text = self.config_text.replace(old, new)
-        self.config_path.write_text(self.config_text)
+        self.config_path.write_text(self.config_text)  # keeps the file's mode
 
     def run(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         """Run the installed CLI as cron would: a separate process."""
@@ -125,6 +125,7 @@ WORKING_DIR = "work"
 """
     config_path = tmp_path / "settings.toml"
     config_path.write_text(text)
+    config_path.chmod(0o600)  # it holds secrets: a readable one draws a warning
     return Workspace(root=tmp_path, config_path=config_path, key_path=key_path, remote=remote,
                      config_text=text)
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from broker_sftp_uploader.config import SftpSettings
-from broker_sftp_uploader.sftp import STALE_PART_AGE, SftpConnection
+from broker_sftp_uploader.journal import PartialsJournal
+from broker_sftp_uploader.sftp import SftpConnection
 
 
 @pytest.fixture
@@ -63,16 +64,54 @@ def test_signals_at_random_moments_of_an_upload_never_break_the_session(signal_h
             (local / "probe.txt").unlink()
 
 
-def test_partial_uploads_a_day_old_are_removed_when_connecting(remote):
+def test_interrupted_upload_leaves_neither_file_nor_journal_entry(signal_handlers, remote, tmp_path):
     settings, local = remote
-    old_part = local / ".export_7.zip.part-0123456789ab"
-    fresh_part = local / ".export_8.zip.part-0123456789ab"
-    lookalike = local / ".export_9.zip.part-keep"
-    for path in (old_part, fresh_part, lookalike):
+    journal = PartialsJournal(tmp_path / "status.xml.partials")
+    with SftpConnection(settings, journal) as connection:
+        timer = threading.Timer(0.05, send_sigterm)
+        timer.start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                connection.upload(Zeros(512 * 1024 * 1024), "big.bin")
+        finally:
+            timer.cancel()
+    assert list(local.iterdir()) == []
+    assert journal.leftovers() == [] and not journal.path.exists()
+
+
+def test_journal_names_the_temp_file_while_the_upload_runs(remote, tmp_path):
+    settings, local = remote
+    journal = PartialsJournal(tmp_path / "status.xml.partials")
+    seen = []
+
+    class Watching(Zeros):
+        def read(self, size=-1):
+            if not seen:
+                seen.append((PartialsJournal(journal.path).leftovers(), sorted(p.name for p in local.iterdir())))
+            return super().read(size)
+
+    with SftpConnection(settings, journal) as connection:
+        connection.upload(Watching(100_000), "export_3.zip")
+    recorded, on_server = seen[0]
+    assert len(recorded) == 1 and recorded[0].startswith(".export_3.zip.part-")
+    assert on_server == recorded  # the name was recorded before the remote file was created
+    assert not journal.path.exists()
+    assert sorted(p.name for p in local.iterdir()) == ["export_3.zip"]
+
+
+def test_leftover_parts_named_by_the_journal_are_removed_and_nothing_else(remote, tmp_path):
+    settings, local = remote
+    ours = local / ".export_7.zip.part-0123456789ab"
+    gone_already = ".export_6.zip.part-00000000000a"
+    not_ours = local / ".export_8.zip.part-0123456789ab"  # same shape, another uploader's
+    day_old = time.time() - 2 * 86400
+    for path in (ours, not_ours):
         path.write_bytes(b"partial")
-    day_old = time.time() - STALE_PART_AGE - 60
-    os.utime(old_part, (day_old, day_old))
-    os.utime(lookalike, (day_old, day_old))
-    with SftpConnection(settings):
-        pass
-    assert sorted(path.name for path in local.iterdir()) == sorted([lookalike.name, fresh_part.name])
+        os.utime(path, (day_old, day_old))
+    journal_path = tmp_path / "status.xml.partials"
+    journal_path.write_text(f"{ours.name}\n{gone_already}\n../../etc/passwd\nexport_1.zip\n")
+    journal = PartialsJournal(journal_path)
+    with SftpConnection(settings, journal) as connection:
+        assert connection.remove_leftover_parts() == 1
+    assert sorted(path.name for path in local.iterdir()) == [not_ours.name]
+    assert not journal_path.exists()

@@ -2,13 +2,14 @@
 
 import pytest
 
+from broker_sftp_uploader import broker
 from broker_sftp_uploader.broker import (
     format_completion,
     parse_completion,
     parse_request_ids,
-    safe_remote_name,
 )
 from broker_sftp_uploader.errors import BrokerError
+from broker_sftp_uploader.ledger import default_file_name
 
 DECL = b'<?xml version="1.0" encoding="UTF-8" standalone="yes"?>'
 NS = b'xmlns="http://aktin.org/ns/exchange"'
@@ -74,21 +75,34 @@ def test_parse_request_ids_rejects_other_documents():
         parse_request_ids(b"<status/>")
 
 
-@pytest.mark.parametrize("header,expected", [
-    ('inline; filename="export_2.zip"', "export_2.zip"),
-    ("attachment; filename=export_2.zip", "export_2.zip"),
-    ('inline; filename="../../etc/passwd"', "passwd"),
-    ('inline; filename="..\\\\evil.zip"', "evil.zip"),
-    ('inline; filename="/abs/path/x.zip"', "x.zip"),
-    ('inline; filename=".hidden"', "export_7.zip"),
-    ('inline; filename=".."', "export_7.zip"),
-    ('inline; filename=""', "export_7.zip"),
-    ('inline; filename="status.xml"', "export_7.zip"),
-    ('inline; filename="a b.zip"', "export_7.zip"),
-    ('inline; filename="x\x00.zip"', "export_7.zip"),
-    ('inline; filename="' + "a" * 300 + '"', "export_7.zip"),
-    (None, "export_7.zip"),
-    ("inline", "export_7.zip"),
-])
-def test_safe_remote_name_keeps_only_safe_base_names(header, expected):
-    assert safe_remote_name(header, "7") == expected
+def test_parse_request_ids_rejects_a_request_listed_twice():
+    with pytest.raises(BrokerError, match="listed request 3 twice"):
+        parse_request_ids(b"<request-list " + NS + b'><request id="3"/><request id="03"/></request-list>')
+
+
+def test_parse_request_ids_keeps_memory_flat_on_a_large_listing():
+    # 50,000 requests with bulky children: the parser drops each element as soon as it ends.
+    body = b"".join(b'<request id="%d"><published>2024-05-02T10:15:30Z</published><targeted>false</targeted>'
+                    b"</request>" % number for number in range(50_000))
+    ids = parse_request_ids(b"<request-list " + NS + b">" + body + b"</request-list>")
+    assert len(ids) == 50_000 and ids[-1] == "49999"
+
+
+def test_parse_request_ids_refuses_a_document_with_too_many_requests(monkeypatch):
+    monkeypatch.setattr(broker, "MAX_LISTED_REQUESTS", 3)
+    document = b"<request-list " + NS + b">" + b"".join(b'<request id="%d"/>' % n for n in range(4)) + \
+        b"</request-list>"
+    with pytest.raises(BrokerError, match="more than 3 requests"):
+        parse_request_ids(document)
+
+
+def test_parse_completion_refuses_deep_nesting():
+    document = b"<request-status-list " + NS + b">" + b"<a>" * 100_000 + b"</a>" * 100_000 + \
+        b"</request-status-list>"
+    with pytest.raises(BrokerError, match="not XML"):
+        parse_completion(document)
+
+
+@pytest.mark.parametrize("request_id", ["0", "7", "123456"])
+def test_default_file_name_is_the_brokers_convention(request_id):
+    assert default_file_name(request_id) == f"export_{request_id}.zip"

@@ -81,7 +81,7 @@ def test_load_config_reports_every_problem_at_once(tmp_path):
             .replace('TIMEOUT = "25"', 'TIMEOUT = "soon"\nPORT = 70000\nPASWORD = "x"')
             .replace('TAG = "rki"', "TAG = 5"))
     problems = problems_of(write(tmp_path, text))
-    assert "BROKER.API_KEY: missing" in problems
+    assert any(problem.startswith("BROKER.API_KEY: missing") for problem in problems)
     assert "SFTP.TIMEOUT: expected a number, got a string" in problems
     assert "SFTP.PORT: must be between 1 and 65535, got 70000" in problems
     assert "SFTP.PASWORD: unknown key (a typo?)" in problems
@@ -133,3 +133,54 @@ def test_load_config_upload_ledger_switch(tmp_path):
     config = load_config(write(tmp_path, text))
     assert config.sftp.upload_ledger is False
     assert config.sftp.folder == "rki"
+
+
+def test_load_config_new_keys_default(tmp_path):
+    config = load_config(write(tmp_path, ORIGINAL))
+    broker, sftp = config.broker, config.sftp
+    assert (broker.call_timeout, broker.export_timeout, broker.retries) == (60.0, 1800.0, 3)
+    assert (sftp.retries, sftp.private_key, sftp.private_key_passphrase) == (3, None, None)
+    assert (config.max_delete_percent, config.max_delete_count, config.run_timeout) == (50.0, None, 14400.0)
+
+
+def test_load_config_new_keys_set(tmp_path):
+    text = (ORIGINAL.replace('API_KEY = "xxxAdmin1234"', 'API_KEY = "xxxAdmin1234"\nCALL_TIMEOUT = 30\n'
+                             'EXPORT_TIMEOUT = "7200"\nRETRIES = 0')
+            .replace('TAG = "rki"', 'TAG = "rki"\nMAX_DELETE_PERCENT = 12.5\nMAX_DELETE_COUNT = "0"')
+            .replace('FOLDERNAME = "rki"', 'FOLDERNAME = "rki"\nRETRIES = 10')
+            .replace('WORKING_DIR = "work"', 'WORKING_DIR = "work"\nRUN_TIMEOUT = 3600'))
+    config = load_config(write(tmp_path, text))
+    broker = config.broker
+    assert (broker.call_timeout, broker.export_timeout, broker.retries) == (30.0, 7200.0, 0)
+    assert config.sftp.retries == 10
+    assert (config.max_delete_percent, config.max_delete_count, config.run_timeout) == (12.5, 0, 3600.0)
+    assert isinstance(config.broker.retries, int) and isinstance(config.max_delete_count, int)
+    assert isinstance(config.run_timeout, float)
+
+
+def test_load_config_new_keys_out_of_range_all_reported(tmp_path):
+    text = (ORIGINAL.replace('API_KEY = "xxxAdmin1234"', 'API_KEY = "xxxAdmin1234"\nCALL_TIMEOUT = 0.5\n'
+                             'EXPORT_TIMEOUT = 86401\nRETRIES = 11')
+            .replace('TAG = "rki"', 'TAG = "rki"\nMAX_DELETE_PERCENT = 100.5\nMAX_DELETE_COUNT = -1')
+            .replace('FOLDERNAME = "rki"', 'FOLDERNAME = "rki"\nRETRIES = 2.5')
+            .replace('WORKING_DIR = "work"', 'WORKING_DIR = "work"\nRUN_TIMEOUT = 59'))
+    assert problems_of(write(tmp_path, text)) == [
+        "BROKER.CALL_TIMEOUT: must be between 1 and 3600, got 0.5",
+        "BROKER.EXPORT_TIMEOUT: must be between 1 and 86400, got 86401",
+        "BROKER.RETRIES: must be between 0 and 10, got 11",
+        "REQUESTS.MAX_DELETE_PERCENT: must be between 0 and 100, got 100.5",
+        "REQUESTS.MAX_DELETE_COUNT: must be at least 0, got -1",
+        "SFTP.RETRIES: expected a whole number, got a number",
+        "MISC.RUN_TIMEOUT: must be between 60 and 604800, got 59",
+    ]
+
+
+def test_load_config_new_keys_wrong_types(tmp_path):
+    text = (ORIGINAL.replace('TAG = "rki"', 'TAG = "rki"\nMAX_DELETE_COUNT = "many"\n'
+                                            'MAX_DELETE_PERCENT = true')
+            .replace('WORKING_DIR = "work"', 'WORKING_DIR = "work"\nRUN_TIMEOUT = [1]'))
+    assert problems_of(write(tmp_path, text)) == [
+        "REQUESTS.MAX_DELETE_PERCENT: expected a number, got a boolean",
+        "REQUESTS.MAX_DELETE_COUNT: expected a whole number, got a string",
+        "MISC.RUN_TIMEOUT: expected a number, got an array",
+    ]

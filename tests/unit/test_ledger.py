@@ -123,15 +123,92 @@ def test_load_broken_ledger_raises_ledger_error(tmp_path, content, message):
     assert caught.value.exit_code == 15
 
 
-def test_load_ledger_does_not_resolve_external_entities(tmp_path):
-    secret = tmp_path / "secret.txt"
-    secret.write_text("TOPSECRET")
+@pytest.mark.parametrize("doctype", [
+    '<!DOCTYPE s [<!ENTITY e SYSTEM "file:///etc/passwd">]>',
+    '<!DOCTYPE status [<!ENTITY e "x">]>',
+    "<!DOCTYPE status>",
+])
+def test_load_ledger_with_a_doctype_is_refused(tmp_path, doctype):
     path = tmp_path / "status.xml"
-    path.write_bytes(f'<!DOCTYPE s [<!ENTITY e SYSTEM "{secret.as_uri()}">]><status><request-status>'
-                     "<id>1</id><completion>&e;</completion></request-status></status>".encode())
-    ledger = Ledger.load(path)
-    assert "TOPSECRET" not in (ledger.entries()["1"].completion or "")
-    assert b"TOPSECRET" not in ledger.to_bytes()
+    original = (doctype + "<status><request-status><id>1</id><completion>&e;</completion>"
+                "</request-status></status>").replace("&e;", "&e;" if "ENTITY" in doctype else "1.0").encode()
+    path.write_bytes(original)
+    with pytest.raises(LedgerError, match="contains a DOCTYPE"):
+        Ledger.load(path)
+    assert path.read_bytes() == original
+
+
+def ledger_with_files(*entries: tuple[str, str | None, bool]) -> bytes:
+    """A ledger whose entries are (id, <file> or None, deleted)."""
+    body = "".join(
+        f"<request-status><id>{request_id}</id><completion>1.0</completion><uploaded>2021-10-11 09:39:50</uploaded>"
+        + ("<deleted>2021-10-12 09:39:50</deleted>" if deleted else "")
+        + (f"<file>{name}</file>" if name is not None else "") + "</request-status>"
+        for request_id, name, deleted in entries)
+    return f"<status>{body}</status>".encode()
+
+
+@pytest.mark.parametrize("name", ["../victim.txt", "/etc/passwd", ".hidden", "a/b.zip", "status.xml", "..",
+                                  "x\\y.zip", "", "a b.zip", "a" * 300])
+def test_load_ledger_refuses_a_file_name_outside_the_folder(tmp_path, name):
+    path = tmp_path / "status.xml"
+    path.write_bytes(ledger_with_files(("0", "export_0.zip", False), ("3", name, False)))
+    with pytest.raises(LedgerError, match="request 3 names the file"):
+        Ledger.load(path)
+
+
+def test_load_ledger_refuses_a_name_claimed_by_two_live_entries(tmp_path):
+    path = tmp_path / "status.xml"
+    path.write_bytes(ledger_with_files(("0", "bundle.zip", False), ("1", "bundle.zip", False)))
+    with pytest.raises(LedgerError, match="requests 0 and 1 both claim the remote file bundle.zip"):
+        Ledger.load(path)
+
+
+def test_load_ledger_refuses_another_requests_conventional_name(tmp_path):
+    # The collision of the earlier version: request 1's download was called export_0.zip.
+    path = tmp_path / "status.xml"
+    path.write_bytes(ledger_with_files(("0", None, True), ("1", "export_0.zip", False)))
+    with pytest.raises(LedgerError, match="request 1 names the file export_0.zip, which is request 0's"):
+        Ledger.load(path)
+
+
+def test_load_ledger_accepts_a_legacy_name_owned_once(tmp_path):
+    path = tmp_path / "status.xml"
+    path.write_bytes(ledger_with_files(("0", "bundle.zip", False), ("1", "bundle.zip", True), ("2", None, False)))
+    entries = Ledger.load(path).entries()
+    assert [entries[key].file_name for key in ("0", "1", "2")] == ["bundle.zip", "bundle.zip", "export_2.zip"]
+
+
+def test_lock_refuses_a_symlink_and_leaves_its_target_alone(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious\n")
+    (tmp_path / "status.xml.lock").symlink_to(victim)
+    with pytest.raises(LedgerError, match="is a symbolic link"):
+        RunLock(tmp_path).acquire()
+    assert victim.read_bytes() == b"precious\n"
+
+
+def test_lock_refuses_a_hard_link_and_leaves_it_alone(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"12\n")
+    os.link(victim, tmp_path / "status.xml.lock")
+    with pytest.raises(LedgerError, match="not a plain file"):
+        RunLock(tmp_path).acquire()
+    assert victim.read_bytes() == b"12\n"
+
+
+def test_lock_refuses_a_file_that_is_not_a_pid_and_keeps_it(tmp_path):
+    planted = tmp_path / "status.xml.lock"
+    planted.write_bytes(b"important notes\n")
+    with pytest.raises(LedgerError, match="something other than a process id"):
+        RunLock(tmp_path).acquire()
+    assert planted.read_bytes() == b"important notes\n"
+
+
+def test_lock_reuses_its_own_file(tmp_path):
+    (tmp_path / "status.xml.lock").write_bytes(b"4242\n")
+    with RunLock(tmp_path):
+        assert (tmp_path / "status.xml.lock").read_bytes() == f"{os.getpid()}\n".encode()
 
 
 def test_save_failure_when_target_is_a_folder(tmp_path):

@@ -3,7 +3,9 @@
 from broker_sftp_uploader.errors import BrokerError, SftpError
 from broker_sftp_uploader.job import exit_code_for
 from broker_sftp_uploader.ledger import LedgerEntry
-from broker_sftp_uploader.sync import Delete, Report, Upload, plan_sync
+from broker_sftp_uploader.sync import Delete, DeletionGuard, Report, Upload, plan_sync
+
+ANY = DeletionGuard(allow=True)
 
 
 def entry(request_id, completion, deleted=None, remote_name=None):
@@ -28,7 +30,7 @@ def test_plan_sync_changed_completion_is_reuploaded():
 
 
 def test_plan_sync_vanished_request_is_deleted_by_recorded_name():
-    plan = plan_sync({}, {"0": entry("0", "1.0", remote_name="bundle_0.zip"), "1": entry("1", "1.0")})
+    plan = plan_sync({}, {"0": entry("0", "1.0", remote_name="bundle_0.zip"), "1": entry("1", "1.0")}, ANY)
     assert plan.deletes == (Delete("0", "bundle_0.zip"), Delete("1", "export_1.zip"))
 
 
@@ -43,7 +45,7 @@ def test_plan_sync_relisted_after_deletion_is_uploaded_again():
 
 
 def test_plan_sync_deletes_come_before_uploads():
-    plan = plan_sync({"6": "0.0"}, {"0": entry("0", "1.0")})
+    plan = plan_sync({"6": "0.0"}, {"0": entry("0", "1.0")}, ANY)
     assert [type(action) for action in plan.actions] == [Delete, Upload]
 
 
@@ -78,3 +80,58 @@ def test_exit_code_for_everything_failed_is_the_first_failures_code():
 def test_exit_code_for_only_the_ledger_upload_failed_after_actions_is_partial():
     report = Report(deleted=["0"], failures=[("status.xml", SftpError("upload failed"))])
     assert exit_code_for(report) == 3
+
+
+def test_plan_sync_reupload_of_a_legacy_name_goes_to_the_conventional_name():
+    plan = plan_sync({"7": "1.0"}, {"7": entry("7", "0.5", remote_name="bundle.zip")})
+    assert plan.uploads == (Upload("7", "1.0", "changed", "0.5", legacy_file="bundle.zip"),)
+    assert plan.uploads[0].file_name == "export_7.zip"
+
+
+def test_plan_sync_ignores_a_name_the_ledger_already_uses_conventionally():
+    plan = plan_sync({"7": "1.0"}, {"7": entry("7", "0.5", remote_name="export_7.zip")})
+    assert plan.uploads[0].legacy_file is None
+
+
+def live(*ids: str) -> dict:
+    return {request_id: entry(request_id, "1.0") for request_id in ids}
+
+
+def test_guard_refuses_an_empty_listing_against_a_full_ledger():
+    plan = plan_sync({}, live("0", "1", "2"))
+    assert plan.deletes == ()
+    assert [action.request_id for action in plan.refused] == ["0", "1", "2"]
+    assert plan.refusal().startswith("refused to delete 3 of 3 files on the server (export_0.zip, export_1.zip, "
+                                     "export_2.zip): more than REQUESTS.MAX_DELETE_PERCENT = 50 allows")
+    assert "sync --allow-deletes" in plan.refusal()
+
+
+def test_guard_refuses_a_listing_that_dropped_two_of_three_but_still_uploads():
+    plan = plan_sync({"2": "1.0", "9": "0.0"}, live("0", "1", "2"))
+    assert len(plan.refused) == 2 and plan.deletes == ()
+    assert plan.uploads == (Upload("9", "0.0", "new"),)
+
+
+def test_guard_lets_the_original_scenario_delete_one_of_three():
+    plan = plan_sync({"2": "1.0", "4": "1.0"}, live("0", "2", "4"))
+    assert plan.deletes == (Delete("0", "export_0.zip"),) and plan.refused == ()
+    assert plan.refusal() is None
+
+
+def test_guard_counts_only_live_files():
+    ledger = {**live("5"), "0": entry("0", "1.0", deleted="2021-10-11 09:39:55"),
+              "1": entry("1", "1.0", deleted="2021-10-11 09:39:55")}
+    assert plan_sync({}, ledger).refused == (Delete("5", "export_5.zip"),)
+
+
+def test_guard_count_limit_and_allow():
+    ledger = live(*map(str, range(10)))
+    listed = {str(number): "1.0" for number in range(7)}
+    assert len(plan_sync(listed, ledger, DeletionGuard(max_percent=100, max_count=2)).refused) == 3
+    assert len(plan_sync(listed, ledger, DeletionGuard(max_percent=100, max_count=3)).deletes) == 3
+    assert len(plan_sync({}, ledger, DeletionGuard(allow=True)).deletes) == 10
+
+
+def test_exit_code_for_refused_deletions_is_4_unless_something_failed():
+    assert exit_code_for(Report(uploaded=["1"], refusal="refused")) == 4
+    assert exit_code_for(Report(refusal="refused", uploaded=["1"], failures=[("2", BrokerError("x"))])) == 3
