@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # End-to-end run of the original broker-sftp-uploader integration scenario (shared/broker-api.md §6)
 # against the broker emulator and a real OpenSSH sshd on 127.0.0.1, with hard assertions.
-# Sets itself up on a fresh machine (as root: apt openssh-server + curl, pip install of this package),
+# Sets itself up on a fresh machine (as root: apt openssh-server + curl; this package and the test
+# resources' needs into the project's virtualenv .venv/, so the machine's Python is left as it was),
 # stops at the first failed expectation with a non-zero exit, and cleans up every process it started.
 set -euo pipefail
 
 cd "$(dirname "$0")"
-PYTHON=${PYTHON:-python3}
+VENV=${VENV:-$PWD/.venv}
+PYTHON="$VENV/bin/python"
 # Run this checkout's code, whatever else is installed.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 bsu() { "$PYTHON" -m broker_sftp_uploader "$@"; }
@@ -28,9 +30,10 @@ if ! command -v sshd >/dev/null && [[ ! -x /usr/sbin/sshd ]] || ! command -v cur
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-sftp-server curl >/dev/null
 fi
-if ! "$PYTHON" -c "import broker_sftp_uploader, paramiko, lxml" 2>/dev/null; then
-  step "installing broker-sftp-uploader"
-  "$PYTHON" -m pip install -q --root-user-action=ignore -e . >/dev/null
+if ! "$PYTHON" -c "import broker_sftp_uploader, paramiko, lxml, requests" 2>/dev/null; then
+  step "installing broker-sftp-uploader into $VENV"
+  [[ -x "$PYTHON" ]] || python3 -m venv "$VENV"
+  "$PYTHON" -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test]' >/dev/null
 fi
 
 WORK=$(mktemp -d /tmp/bsu-integration.XXXXXX)
@@ -95,6 +98,7 @@ PATH_ENCRYPTION_KEY = "rki.key"
 [MISC]
 WORKING_DIR = "."
 EOF
+chmod 600 "$WORK/opt/settings.toml"   # it holds secrets: a readable one draws a warning on every run
 
 # --- the broker side, as the original test's curl scripts do it ------------------------------
 publish_new_request() { # publish_new_request TAG

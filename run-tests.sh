@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
-# Runs the test suite on a fresh machine: installs what the tests need (as root: OpenSSH's sshd from
-# Debian, this package with its test extras from PyPI), then pytest. Extra arguments go to pytest.
+# Runs the test suite on a fresh machine: installs what the tests need (as root: OpenSSH's sshd and
+# ProFTPD from Debian; this package with its test extras from PyPI into the project's own virtualenv
+# .venv/, created on first use, so the machine's Python is left as it was), then pytest. Extra
+# arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
+VENV=${VENV:-$PWD/.venv}
 
-if [[ ! -x /usr/sbin/sshd ]]; then
+# OpenSSH's sshd, and ProFTPD's mod_sftp as a second SFTP server implementation (tests start both
+# themselves on 127.0.0.1; the packages' own services are not used).
+if [[ ! -x /usr/sbin/sshd || ! -x /usr/sbin/proftpd || ! -e /usr/lib/proftpd/mod_sftp.so ]]; then
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-sftp-server >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    openssh-server openssh-sftp-server proftpd-core proftpd-mod-crypto openssl >/dev/null
+  systemctl disable --now proftpd >/dev/null 2>&1 || true
 fi
-"$PYTHON" -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test]'
-exec "$PYTHON" -m pytest -q "$@"
+[[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test]'
+export PATH="$VENV/bin:$PATH"   # the console-script test finds the venv's broker-sftp-uploader
+exec "$VENV/bin/python" -m pytest -q "$@"
