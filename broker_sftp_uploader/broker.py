@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 NAMESPACE = "http://aktin.org/ns/exchange"
 QUERY_MEDIA_TYPE = "application/vnd.aktin.query.request+xml"
 USER_AGENT = f"broker-sftp-uploader/{__version__}"
-CONCURRENCY = 16  # status calls at once: a few threads' worth of load on the broker
+CONCURRENCY = 32  # status calls at once: a small share of Jetty's 200 request threads
 # A listing of 10,000 requests is about 1 MiB; a status list of 1,000 nodes about 0.2 MiB.
 MAX_XML_BYTES = 8 * 1024 * 1024
 MAX_LISTED_REQUESTS = 100_000

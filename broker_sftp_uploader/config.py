@@ -33,6 +33,7 @@ LEDGER_FILE_NAME = "status.xml"
 ENV_PREFIX = "BROKER_SFTP_UPLOADER_"
 # A secret file holds one line; anything bigger is the wrong file (and /dev/zero must not hang us).
 SECRET_FILE_LIMIT = 64 * 1024
+TRANSPORTS = ("paramiko", "openssh")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class BrokerSettings:
     call_timeout: float = 60.0  # seconds for one listing/status call, its retries included
     export_timeout: float = 1800.0  # seconds for the export call (the broker builds the bundle first)
     retries: int = 3  # retries of the idempotent calls
+    concurrency: int = 32  # status calls at once
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,8 @@ class SftpSettings:
     retries: int = 3  # retries of the connect after connection-level failures
     private_key: Path | None = None
     private_key_passphrase: str | None = field(default=None, repr=False)
+    parallel_uploads: int = 8  # requests exported, downloaded, encrypted and uploaded at once
+    transport: str = "paramiko"  # "paramiko" (in-process SSH) or "openssh" (an `ssh -s sftp` child)
 
 
 @dataclass(frozen=True)
@@ -255,11 +259,11 @@ _INLINE_SECRETS = (*SECRET_VARIABLES, "SMTP.PASSWORD")
 # separate error notifier: accepted so old configs load, and otherwise ignored.
 _KNOWN_KEYS: dict[str | None, set[str]] = {
     None: {"BROKER", "REQUESTS", "SFTP", "SECURITY", "MISC", "SMTP", "REQUESTS_CA_BUNDLE"},
-    "BROKER": {"URL", "API_KEY", "API_KEY_FILE", "CALL_TIMEOUT", "EXPORT_TIMEOUT", "RETRIES"},
+    "BROKER": {"URL", "API_KEY", "API_KEY_FILE", "CALL_TIMEOUT", "EXPORT_TIMEOUT", "RETRIES", "CONCURRENCY"},
     "REQUESTS": {"TAG", "MAX_DELETE_PERCENT", "MAX_DELETE_COUNT"},
     "SFTP": {"HOST", "PORT", "USERNAME", "PASSWORD", "PASSWORD_FILE", "TIMEOUT", "FOLDERNAME", "KNOWN_HOSTS",
              "UPLOAD_LEDGER", "RETRIES", "PRIVATE_KEY", "PRIVATE_KEY_PASSPHRASE",
-             "PRIVATE_KEY_PASSPHRASE_FILE"},
+             "PRIVATE_KEY_PASSPHRASE_FILE", "PARALLEL_UPLOADS", "TRANSPORT"},
     "SECURITY": {"PATH_ENCRYPTION_KEY"},
     "MISC": {"WORKING_DIR", "RUN_TIMEOUT"},
     "SMTP": {"HOST", "USERNAME", "PASSWORD"},
@@ -334,6 +338,7 @@ def parse_config(data: dict[str, Any], source: Path, environ: Mapping[str, str] 
     call_timeout = reader.number("BROKER", "CALL_TIMEOUT", 60.0, 1, 3600, integer=False)
     export_timeout = reader.number("BROKER", "EXPORT_TIMEOUT", 1800.0, 1, 86400, integer=False)
     broker_retries = reader.number("BROKER", "RETRIES", 3, 0, 10, integer=True)
+    concurrency = reader.number("BROKER", "CONCURRENCY", 32, 1, 64, integer=True)
     tag = reader.text("REQUESTS", "TAG")
     if tag is not None and "'" in tag:
         reader.problems.append("REQUESTS.TAG: must not contain a single quote (it ends the broker's XPath "
@@ -360,6 +365,12 @@ def parse_config(data: dict[str, Any], source: Path, environ: Mapping[str, str] 
     folder = reader.text("SFTP", "FOLDERNAME")
     upload_ledger = reader.flag("SFTP", "UPLOAD_LEDGER", True)
     sftp_retries = reader.number("SFTP", "RETRIES", 3, 0, 10, integer=True)
+    # OpenSSH allows 10 sessions per connection (MaxSessions): 8 workers and the main session fit.
+    parallel_uploads = reader.number("SFTP", "PARALLEL_UPLOADS", 8, 1, 9, integer=True)
+    transport = reader.text("SFTP", "TRANSPORT", required=False) or "paramiko"
+    if transport not in TRANSPORTS:
+        reader.problems.append(f"SFTP.TRANSPORT: expected one of {', '.join(map(repr, TRANSPORTS))}, "
+                               f"got {transport[:40]!r}")
     key_path = reader.path("SECURITY", "PATH_ENCRYPTION_KEY")
     working_dir = reader.path("MISC", "WORKING_DIR")
     if working_dir is not None and not working_dir.is_dir():
@@ -373,17 +384,18 @@ def parse_config(data: dict[str, Any], source: Path, environ: Mapping[str, str] 
     assert password or private_key
     assert port is not None and timeout is not None and key_path and working_dir
     assert None not in (call_timeout, export_timeout, broker_retries, max_delete_percent, sftp_retries,
-                        run_timeout)
+                        run_timeout, concurrency, parallel_uploads)
     return Config(
         source=source,
         broker=BrokerSettings(url=url.rstrip("/"), api_key=api_key, tag=tag, ca_bundle=ca_bundle,
                               call_timeout=float(call_timeout), export_timeout=float(export_timeout),
-                              retries=int(broker_retries)),
+                              retries=int(broker_retries), concurrency=int(concurrency)),
         sftp=SftpSettings(host=host, port=int(port), username=username, password=password,
                           timeout=float(timeout), folder=folder.rstrip("/") or "/",
                           known_hosts=known_hosts or working_dir / "known_hosts",
                           upload_ledger=upload_ledger, retries=int(sftp_retries), private_key=private_key,
-                          private_key_passphrase=passphrase),
+                          private_key_passphrase=passphrase, parallel_uploads=int(parallel_uploads),
+                          transport=transport),
         key_path=key_path,
         working_dir=working_dir,
         max_delete_percent=float(max_delete_percent),

@@ -215,8 +215,9 @@ class ConnectionPool:
             connection the server already closed would fail them for nothing).
         :raises TransportError: connecting, TLS, sending or reading the headers failed.
         """
-        connection = None if fresh else getattr(self._local, "connection", None)
-        self._local.connection = None
+        connection = None
+        if not fresh:  # take this thread's kept-alive connection (a fresh call leaves it for later)
+            connection, self._local.connection = getattr(self._local, "connection", None), None
         reused = connection is not None
         while True:
             if connection is None:

@@ -10,6 +10,7 @@ second signal while one is held back is raised at once, for an operator who will
 from __future__ import annotations
 
 import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -35,8 +36,15 @@ def _handle(signum: int, frame: FrameType | None) -> None:
 
 @contextmanager
 def deferred() -> Iterator[None]:
-    """Hold back an interrupt until the enclosed call is complete, then raise it."""
+    """Hold back an interrupt until the enclosed call is complete, then raise it.
+
+    Only the main thread receives signals; in any other thread this does nothing (workers are
+    stopped by their own means, between two requests).
+    """
     global _depth, _pending
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     _depth += 1
     try:
         yield

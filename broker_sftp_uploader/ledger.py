@@ -170,7 +170,8 @@ class Ledger:
         stamp = format_timestamp(moment)
         element = self._elements.get(request_id)
         if element is None:
-            element = etree.SubElement(self._root, "request-status")
+            element = etree.Element("request-status")
+            self._insert_in_id_order(element, int(request_id))
             etree.SubElement(element, "id").text = request_id
             etree.SubElement(element, "completion").text = completion
             etree.SubElement(element, "uploaded").text = stamp
@@ -182,6 +183,15 @@ class Ledger:
             if deleted is not None:
                 element.remove(deleted)
         _set_child(element, "file", remote_name)
+
+    def _insert_in_id_order(self, element: etree._Element, number: int) -> None:
+        """Put a new entry before the first one with a higher id: the file's order is then the same
+        whatever order parallel uploads completed in."""
+        for position, other in enumerate(self._root):
+            if isinstance(other.tag, str) and other.tag == "request-status" and int(_child_text(other, "id")) > number:
+                self._root.insert(position, element)
+                return
+        self._root.append(element)
 
     def record_deletion(self, request_id: str, moment: datetime) -> None:
         """Note that the request's file was deleted from the SFTP server."""

@@ -1,19 +1,19 @@
-"""One SFTP connection per run (paramiko): atomic uploads and tolerant deletes.
+"""One SFTP connection per run (paramiko): login, host keys, and SFTP sessions for the work.
 
 Host keys follow OpenSSH's ``accept-new``: the first contact records the server's key in a
 known_hosts file, and from then on any other key is refused. Login is by password, private key or
 both (see ``ssh_keys``). Connection-level failures are retried with backoff. Uploads go to a hidden
-temp name and are renamed into place, so a receiver never sees a partial file under its final name.
+temp name and are renamed into place, so a receiver never sees a partial file under its final name
+(``sftp_session.py``); parallel uploads each get a session (an SFTP channel) of the one connection.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import posixpath
 import random
-import secrets
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import BinaryIO
@@ -25,14 +25,13 @@ from broker_sftp_uploader.config import SftpSettings
 from broker_sftp_uploader.errors import SftpError
 from broker_sftp_uploader.interrupts import deferred
 from broker_sftp_uploader.journal import PartialsJournal
+from broker_sftp_uploader.sftp_session import FAILURES as _FAILURES
+from broker_sftp_uploader.sftp_session import ServerTraits, SftpSession
+from broker_sftp_uploader.sftp_session import reason as _reason
 from broker_sftp_uploader.ssh_keys import KnownHosts, Login, fingerprint, load_known_hosts, load_private_key
 
 logger = logging.getLogger(__name__)
 
-CHUNK_SIZE = 32768  # paramiko's largest SFTP write request
-# What a failed exchange raises: socket errors, timeouts and the server's refusals (OSError), protocol
-# errors (SSHException), a dropped connection (EOFError).
-_FAILURES = (OSError, paramiko.SSHException, EOFError)
 # Backoff between connect attempts: doubling from 1 s up to 30 s, each delay jittered to 50-100 %.
 RETRY_FIRST_DELAY = 1.0
 RETRY_MAX_DELAY = 30.0
@@ -60,7 +59,11 @@ class _ConnectFailure(SftpError):
 
 
 class SftpConnection:
-    """An open SFTP session on the configured server and folder; use as a context manager."""
+    """An SSH connection to the configured server with a main SFTP session on the folder.
+
+    Use as a context manager; ``upload``, ``remove`` and ``remove_leftover_parts`` work on the main
+    session, ``open_session`` gives another one for a parallel worker.
+    """
 
     def __init__(self, settings: SftpSettings, journal: PartialsJournal | None = None,
                  deadline: float | None = None):
@@ -77,7 +80,8 @@ class SftpConnection:
             self._key = load_private_key(settings.private_key, settings.private_key_passphrase)
         self.folder = settings.folder
         self._client: paramiko.SSHClient | None = None
-        self._sftp: paramiko.SFTPClient | None = None
+        self._main: SftpSession | None = None
+        self.traits = ServerTraits()
 
     @property
     def where(self) -> str:
@@ -162,7 +166,8 @@ class SftpConnection:
         except BaseException:
             client.close()
             raise
-        self._client, self._sftp = client, sftp
+        self._client = client
+        self._main = SftpSession(sftp, self.folder, self.where, journal=self.journal, traits=self.traits)
         try:
             sftp.stat(self.folder)
         except OSError as error:
@@ -171,218 +176,53 @@ class SftpConnection:
                             f"({_reason(error)}); create it or fix SFTP.FOLDERNAME") from None
 
     def close(self) -> None:
-        """Close the session (idempotent)."""
+        """Close the sessions and the connection (idempotent)."""
         with deferred():
-            if self._sftp is not None:
-                self._sftp.close()
+            if self._main is not None:
+                self._main.close()
             if self._client is not None:
                 self._client.close()
-            self._sftp = self._client = None
+            self._main = self._client = None
+
+    @property
+    def main(self) -> SftpSession:
+        """The session opened with the connection."""
+        if self._main is None:
+            raise SftpError(f"not connected to {self.where}")
+        return self._main
+
+    def open_session(self, stop: threading.Event | None = None) -> SftpSession:
+        """Another SFTP session (channel) of this connection, for a worker thread; close it after use.
+
+        :raises SftpError: the server refused another channel.
+        """
+        if self._client is None:
+            raise SftpError(f"not connected to {self.where}")
+        try:
+            with deferred():
+                client = self._client.open_sftp()
+                client.get_channel().settimeout(self.settings.timeout)
+        except _FAILURES as error:
+            raise SftpError(f"cannot open another SFTP session on {self.where}: {_reason(error)}") from None
+        return SftpSession(client, self.folder, self.where, journal=self.journal, traits=self.traits, stop=stop)
+
+    def upload(self, source: BinaryIO, name: str, size: int | None = None) -> int:
+        """``SftpSession.upload`` on the main session."""
+        return self.main.upload(source, name, size)
+
+    def remove(self, name: str, quiet: bool = False) -> bool:
+        """``SftpSession.remove`` on the main session."""
+        return self.main.remove(name, quiet)
+
+    def remove_leftover_parts(self) -> int:
+        """``SftpSession.remove_leftover_parts`` on the main session."""
+        return self.main.remove_leftover_parts()
 
     def __enter__(self) -> SftpConnection:
         return self.connect(self.deadline)
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-    def _remote(self, name: str) -> str:
-        return posixpath.join(self.folder, name)
-
-    def upload(self, source: BinaryIO, name: str, size: int | None = None) -> int:
-        """Upload ``source`` (read to its end) as ``FOLDERNAME/name``, atomically.
-
-        Writes ``.name.part-<random>`` first, checks its size, then renames it over ``name``. An
-        interrupt is raised only between SFTP requests, so the temp file can always be removed.
-
-        :returns: the number of bytes uploaded.
-        :raises SftpError: the transfer or the rename failed; the temp file is then removed.
-        """
-        sftp = self._session()
-        final = self._remote(name)
-        temp_name = f".{name}.part-{secrets.token_hex(6)}"
-        temp = self._remote(temp_name)
-        if self.journal is not None:  # before the remote file exists, so a kill -9 can't hide it
-            self.journal.add(temp_name)
-        try:
-            written = self._transfer(sftp, source, temp)
-            with deferred():
-                stored = sftp.stat(temp).st_size
-            if stored != written or (size is not None and written != size):
-                raise SftpError(f"upload of {name} to {self.where} stored {stored} of "
-                                f"{written if size is None else size} bytes")
-            with deferred():
-                self._rename_over(temp, final)
-        except _FAILURES as error:
-            self._discard(temp_name)
-            raise SftpError(f"upload of {name} to {self.where} failed: {_reason(error)}") from None
-        except BaseException:
-            self._discard(temp_name)
-            raise
-        if self.journal is not None:
-            self.journal.discard(temp_name)
-        logger.debug("uploaded %s (%s bytes)", final, written)
-        return written
-
-    @staticmethod
-    def _transfer(sftp: paramiko.SFTPClient, source: BinaryIO, temp: str) -> int:
-        """Copy ``source`` into a new remote file with pipelined writes; close it in every outcome."""
-        with deferred():
-            remote = sftp.open(temp, "wb")
-            remote.set_pipelined(True)
-        written = 0
-        try:
-            while chunk := source.read(CHUNK_SIZE):
-                with deferred():
-                    remote.write(chunk)
-                written += len(chunk)
-        except BaseException:
-            with deferred():
-                try:
-                    remote.close()
-                except _FAILURES:
-                    pass  # the original failure is the one to report
-            raise
-        with deferred():
-            remote.close()  # waits for the server to acknowledge every write
-        return written
-
-    def remove(self, name: str, quiet: bool = False) -> bool:
-        """Delete ``FOLDERNAME/name``; a file that is already gone is fine (logged unless ``quiet``).
-
-        :returns: whether a file was there to delete.
-        :raises SftpError: the server refused the deletion.
-        """
-        sftp = self._session()
-        try:
-            with deferred():
-                sftp.remove(self._remote(name))
-        except FileNotFoundError:
-            if not quiet:
-                logger.info("%s was already gone from %s", name, self.where)
-            return False
-        except _FAILURES as error:
-            raise SftpError(f"cannot delete {name} on {self.where}: {_reason(error)}") from None
-        return True
-
-    def _session(self) -> paramiko.SFTPClient:
-        if self._sftp is None:
-            raise SftpError(f"not connected to {self.where}")
-        return self._sftp
-
-    # Set once the server answered posix-rename@openssh.com with "operation unsupported": the rest of
-    # the session then replaces files without it instead of asking again for every upload.
-    _posix_rename_unsupported = False
-    # How a plain rename refuses an existing target: OpenSSH answers FAILURE, ProFTPD (like SFTP v5+)
-    # FILE_ALREADY_EXISTS (11, which paramiko does not name).
-    _TARGET_EXISTS_STATUSES = (paramiko.sftp.SFTP_FAILURE, 11)
-
-    def _rename_over(self, temp: str, final: str) -> None:
-        """Rename ``temp`` to ``final``, replacing ``final`` if it exists.
-
-        With posix-rename@openssh.com the replacement is one atomic step. A server without it gets
-        SFTP's plain rename, atomic as well when ``final`` is new or the server replaces files. Only
-        when that rename is refused and ``final`` exists is ``final`` deleted and the rename repeated:
-        between these two requests a receiver finds no ``final``.
-
-        :raises OSError: the server refused, as paramiko reports it (FileNotFoundError, PermissionError,
-            OSError with the server's text); ``final`` is then untouched.
-        :raises SftpError: ``final`` was deleted, but the new file could not be renamed into place.
-        """
-        sftp = self._session()
-        if not self._posix_rename_unsupported:
-            reply = self._StatusReply.request(sftp, paramiko.sftp.CMD_EXTENDED, "posix-rename@openssh.com",
-                                              temp, final)
-            if reply.status != paramiko.sftp.SFTP_OP_UNSUPPORTED:
-                reply.raise_unless_ok(sftp)
-                return
-            self._posix_rename_unsupported = True
-            logger.info("%s does not support posix-rename@openssh.com: a file being replaced is deleted just "
-                        "before its new version is renamed into place", self.where)
-        reply = self._StatusReply.request(sftp, paramiko.sftp.CMD_RENAME, temp, final)
-        if reply.status not in self._TARGET_EXISTS_STATUSES:
-            reply.raise_unless_ok(sftp)  # done, or refused for a reason that deleting final cannot fix
-            return
-        try:
-            sftp.remove(final)
-        except FileNotFoundError:
-            reply.raise_unless_ok(sftp)  # no final, so the rename failed for another reason: report it
-        try:
-            sftp.rename(temp, final)
-        except _FAILURES as error:
-            name = posixpath.basename(final)
-            raise SftpError(f"upload of {name} to {self.where} failed: the previous {name} was deleted "
-                            "(this server cannot replace a file in one step), but the new one could not be "
-                            f"renamed into place ({_reason(error)}); the next run uploads it again"
-                            ) from None
-
-    class _StatusReply:
-        """The status a server answers to one SFTP request, with its code.
-
-        paramiko's exceptions keep only the server's text, which differs between servers for the same
-        status ("Operation unsupported" from OpenSSH, "Unsupported operation" from ProFTPD). So the
-        request goes through paramiko's reply hook (``_async_request`` / ``_async_response``, as its
-        own SFTPFile uses), which hands over the raw status packet.
-        """
-
-        def __init__(self) -> None:
-            self.packet: bytes | None = None
-
-        @classmethod
-        def request(cls, sftp: paramiko.SFTPClient, kind: int, *args: object) -> SftpConnection._StatusReply:
-            """Send one request and wait for its status; socket and protocol failures raise."""
-            reply = cls()
-            sftp._async_request(reply, kind, *args)
-            while reply.packet is None:
-                sftp._read_response()  # hands each reply to the object that waits for it
-            return reply
-
-        def _async_response(self, kind: int, message: paramiko.Message, number: int) -> None:
-            if kind != paramiko.sftp.CMD_STATUS:
-                raise paramiko.SSHException(f"expected an SFTP status reply, got packet type {kind}")
-            self.packet = message.get_remainder()
-
-        @property
-        def status(self) -> int:
-            return paramiko.Message(self.packet).get_int()
-
-        def raise_unless_ok(self, sftp: paramiko.SFTPClient) -> None:
-            """Raise what paramiko raises for this status; nothing for OK."""
-            sftp._convert_status(paramiko.Message(self.packet))
-
-    def remove_leftover_parts(self) -> int:
-        """Remove the partial uploads that the journal says an interrupted run left behind.
-
-        Only the names in the journal are touched; each one is taken out of the journal once it is
-        gone from the server, so a failure here is retried by the next run.
-
-        :returns: how many were still on the server.
-        :raises SftpError: the server refused a removal.
-        """
-        if self.journal is None:
-            return 0
-        removed = 0
-        for temp_name in self.journal.leftovers():
-            if self.remove(temp_name, quiet=True):
-                removed += 1
-                logger.warning("removed %s on %s, a partial upload left by an interrupted run",
-                               self._remote(temp_name), self.where)
-            self.journal.discard(temp_name)
-        return removed
-
-    def _discard(self, temp_name: str) -> None:
-        try:
-            with deferred():
-                if self._sftp is not None:
-                    self._sftp.remove(self._remote(temp_name))
-        except FileNotFoundError:
-            pass
-        except _FAILURES as error:
-            logger.warning("could not remove the partial upload %s on %s (%s); the next run removes it",
-                           self._remote(temp_name), self.where, _reason(error))
-            return  # keep it in the journal
-        if self.journal is not None:
-            self.journal.discard(temp_name)
-
 
 def _is_transient(error: BaseException) -> bool:
     """Tell whether a failed connect may succeed on another attempt: refused, reset, unreachable, timed
@@ -397,11 +237,3 @@ def _is_transient(error: BaseException) -> bool:
     # paramiko's wrapper around a banner that never came or a connection dropped during key exchange
     text = str(error)
     return type(error) is paramiko.SSHException and ("banner" in text or "Negotiation failed" in text)
-
-
-def _reason(error: BaseException) -> str:
-    if isinstance(error, socket.timeout):
-        return "timed out"
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    return str(error) or error.__class__.__name__

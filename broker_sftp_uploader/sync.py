@@ -1,27 +1,21 @@
-"""The sync job: plan what to do from the broker's listing and the ledger, then do it step by step.
+"""The sync job's plan: what to do, from the broker's listing and the ledger (``apply.py`` does it).
 
-``plan_sync`` is pure. ``apply_plan`` performs one action at a time and saves the ledger after each
-one that completed, so a crash loses at most the action in flight; a failed action is reported and
-the run goes on with the next one.
+``plan_sync`` is pure: new, changed and relisted requests are uploaded, vanished ones deleted unless
+the mass-deletion guard refuses. ``Report`` is what a run did, and decides its exit code.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from broker_sftp_uploader.atomic import atomic_write
 from broker_sftp_uploader.broker import BrokerClient
-from broker_sftp_uploader.crypto import EncryptingReader, encrypted_size
-from broker_sftp_uploader.errors import BrokerError, LedgerError, UploaderError
-from broker_sftp_uploader.ledger import Ledger, LedgerEntry, default_file_name
-from broker_sftp_uploader.sftp import SftpConnection
+from broker_sftp_uploader.errors import UploaderError
+from broker_sftp_uploader.ledger import LedgerEntry, default_file_name
 
 logger = logging.getLogger(__name__)
 
@@ -175,12 +169,17 @@ def plan_sync(listed: Mapping[str, str], ledger: Mapping[str, LedgerEntry],
     return Plan(tuple(deletes), tuple(uploads), unchanged, live=live, guard=guard)
 
 
-def fetch_listing(broker: BrokerClient, tag: str) -> dict[str, str]:
-    """Ask the broker for the tagged requests and each one's completion string."""
+def list_requests(broker: BrokerClient, tag: str) -> list[str]:
+    """Check the broker answers, then return the ids of the requests tagged ``tag``."""
     broker.check_status()
     ids = broker.list_tagged_request_ids(tag)
     logger.info("broker lists %d request(s) tagged %r", len(ids), tag)
-    return broker.get_completions(ids)
+    return ids
+
+
+def fetch_listing(broker: BrokerClient, tag: str) -> dict[str, str]:
+    """Ask the broker for the tagged requests and each one's completion string."""
+    return broker.get_completions(list_requests(broker, tag))
 
 
 def ledger_digest_path(ledger_path: Path) -> Path:
@@ -188,106 +187,19 @@ def ledger_digest_path(ledger_path: Path) -> Path:
     return ledger_path.with_name(ledger_path.name + ".uploaded-sha256")
 
 
+# The ledger copy on the server is refreshed whenever the local ledger differs from what was last
+# uploaded; the digest of that upload lives beside the ledger, so a failed ledger upload is retried
+# by the next run even if nothing else changes.
+def ledger_needs_upload(ledger_path: Path) -> bool:
+    """True when the server's copy of the ledger at ``ledger_path`` may differ from the local one."""
+    if not ledger_path.exists():
+        return False
+    try:
+        recorded = ledger_digest_path(ledger_path).read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return True
+    return recorded != hashlib.sha256(ledger_path.read_bytes()).hexdigest()
+
+
 def _utc_now() -> datetime:
     return datetime.now(timezone.utc)
-
-
-class SyncRunner:
-    """Carries out a plan: broker download -> Fernet encryption -> SFTP upload, one request at a time.
-
-    The three are one stream with bounded buffers: nothing is held whole in memory and nothing is
-    written to the local disk, so neither memory nor disk limits the size of a result.
-    """
-
-    def __init__(self, broker: BrokerClient, sftp: SftpConnection, ledger: Ledger, key: bytes,
-                 upload_ledger: bool = True, now: Callable[[], datetime] = _utc_now,
-                 deadline: float | None = None):
-        self.deadline = deadline
-        self.broker = broker
-        self.sftp = sftp
-        self.ledger = ledger
-        self.key = key
-        self.upload_ledger = upload_ledger
-        self.now = now
-
-    def run(self, plan: Plan) -> Report:
-        """Do every action of ``plan``, saving the ledger after each; then upload the ledger if it changed.
-
-        :raises LedgerError: the ledger cannot be saved (the run stops: nothing more can be recorded).
-        """
-        report = Report(unchanged=plan.unchanged, refusal=plan.refusal())
-        for action in plan.actions:
-            if self.deadline is not None and time.monotonic() >= self.deadline:
-                error = BrokerError("the run reached its time limit (MISC.RUN_TIMEOUT) before this action; "
-                                    "the next run does it")
-                logger.error("request %s: %s", action.request_id, error)
-                report.failures.append((action.request_id, error))
-                continue
-            try:
-                if isinstance(action, Delete):
-                    self._delete(action)
-                    report.deleted.append(action.request_id)
-                else:
-                    self._upload(action)
-                    report.uploaded.append(action.request_id)
-            except UploaderError as error:
-                if isinstance(error, LedgerError):  # nothing more could be recorded
-                    raise
-                logger.error("request %s: %s", action.request_id, error)
-                report.failures.append((action.request_id, error))
-        if self.upload_ledger and self.ledger_needs_upload():
-            try:
-                self._upload_ledger()
-                report.ledger_uploaded = True
-            except UploaderError as error:
-                logger.error("ledger upload: %s", error)
-                report.failures.append(("status.xml", error))
-        return report
-
-    def _delete(self, action: Delete) -> None:
-        logger.info("%s", action.describe())
-        self.sftp.remove(action.remote_name)
-        self.ledger.record_deletion(action.request_id, self.now())
-        self.ledger.save()
-
-    def _upload(self, action: Upload) -> None:
-        logger.info("%s", action.describe())
-        with self.broker.open_result(action.request_id) as result:
-            token = EncryptingReader(result, self.key)
-            size = encrypted_size(result.size) if result.size is not None else None
-            self.sftp.upload(token, action.file_name, size)
-            logger.debug("request %s: %d bytes uploaded encrypted as %s", action.request_id,
-                         token.plain_bytes_read, action.file_name)
-        self.ledger.record_upload(action.request_id, action.completion, action.file_name, self.now())
-        self.ledger.save()
-        if action.legacy_file is not None:
-            try:
-                self.sftp.remove(action.legacy_file)
-                logger.info("removed %s, the name an earlier version used for request %s",
-                            action.legacy_file, action.request_id)
-            except UploaderError as error:
-                logger.warning("could not remove %s, the old file of request %s (%s); delete it by hand",
-                               action.legacy_file, action.request_id, error)
-
-    # The ledger copy on the server is refreshed whenever the local ledger differs from what was
-    # last uploaded; the digest of that upload lives beside the ledger, so a failed ledger upload
-    # is retried by the next run even if nothing else changes.
-    def digest_path(self) -> Path:
-        return ledger_digest_path(self.ledger.path)
-
-    def ledger_needs_upload(self) -> bool:
-        """True when the server's copy of the ledger may differ from the local one."""
-        if not self.ledger.path.exists():
-            return False
-        try:
-            recorded = self.digest_path().read_text(encoding="ascii").strip()
-        except (OSError, UnicodeDecodeError):
-            return True
-        return recorded != hashlib.sha256(self.ledger.path.read_bytes()).hexdigest()
-
-    def _upload_ledger(self) -> None:
-        content = self.ledger.path.read_bytes()
-        self.sftp.upload(io.BytesIO(content), LEDGER_REMOTE_NAME, len(content))
-        with atomic_write(self.digest_path(), mode=0o644) as handle:
-            handle.write(hashlib.sha256(content).hexdigest().encode("ascii") + b"\n")
-        logger.info("uploaded the ledger as %s", LEDGER_REMOTE_NAME)

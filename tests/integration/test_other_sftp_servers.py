@@ -230,7 +230,7 @@ def test_standalone_launcher_serves_until_sigterm_and_leaves_no_process():
 
 def test_upload_reupload_delete_and_noop_through_the_cli(proftpd, broker, proftpd_workspace):
     workspace, log = proftpd_workspace, LogWatch(proftpd)
-    rejections_per_run = 0 if proftpd.posix_rename else 1  # tried once, then remembered for the run
+    rejections_per_run = 0 if proftpd.posix_rename else 1  # tried once per session, then remembered
     # Three requests, so that deleting one stays within the default mass-deletion limit (50 %).
     first, second, third = publish_completed(broker), publish_completed(broker), publish_completed(broker)
 
@@ -239,7 +239,8 @@ def test_upload_reupload_delete_and_noop_through_the_cli(proftpd, broker, proftp
     assert result.stderr.startswith(f"WARNING: first connection to [{proftpd.host}]:{proftpd.port}")
     assert proftpd.host_public_key_line in (workspace.working_dir / "known_hosts").read_text()
     assert_delivered(workspace, broker, [first, second, third])
-    assert log.new_count(REJECTED_POSIX_RENAME) == rejections_per_run
+    # Three uploads ran at once, each on its own session: each may ask before one has learnt the answer.
+    assert log.new_count(REJECTED_POSIX_RENAME) in ((0,) if proftpd.posix_rename else (1, 2, 3))
 
     actors.post_status(broker.url, CLIENT_2, int(first), "retrieved")  # completion 1.0 -> 0.5: same name
     replaced = (workspace.remote / f"export_{first}.zip").read_bytes()

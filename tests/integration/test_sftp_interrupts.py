@@ -109,7 +109,7 @@ def test_leftover_parts_named_by_the_journal_are_removed_and_nothing_else(remote
         path.write_bytes(b"partial")
         os.utime(path, (day_old, day_old))
     journal_path = tmp_path / "status.xml.partials"
-    journal_path.write_text(f"{ours.name}\n{gone_already}\n../../etc/passwd\nexport_1.zip\n")
+    journal_path.write_text(f"+{ours.name}\n+{gone_already}\n+../../etc/passwd\n+export_1.zip\n+.x.part-00112233aabb\n-.x.part-00112233aabb\n")
     journal = PartialsJournal(journal_path)
     with SftpConnection(settings, journal) as connection:
         assert connection.remove_leftover_parts() == 1

@@ -137,7 +137,7 @@ def test_partial_upload_left_by_a_killed_run_is_removed_by_a_run_with_no_work(br
     leftover.write_bytes(b"half an upload")
     stranger = workspace.remote / ".export_9.zip.part-00112233aabc"  # not in our journal: not ours
     stranger.write_bytes(b"someone else's")
-    (workspace.working_dir / "status.xml.partials").write_text(f"{leftover.name}\n")
+    (workspace.working_dir / "status.xml.partials").write_text(f"+{leftover.name}\n")
 
     result = workspace.sync()
     assert result.returncode == 0, result.stderr
