@@ -7,6 +7,7 @@ keys (Fernet, SSH), ledger, broker, SFTP. Nothing is written anywhere before the
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import threading
 import time
@@ -133,15 +134,19 @@ class _Opening:
             self._error = error
 
     def wait(self) -> None:
-        """Wait for the connection; raise what connecting raised."""
+        """Wait for the connection; raise (a copy of, in each thread its own) what connecting raised."""
         self._thread.join()
         if self._error is not None:
-            raise self._error
+            raise copy.copy(self._error).with_traceback(self._error.__traceback__)
 
 
 def _sftp_connection(config: Config, journal: PartialsJournal | None, deadline: float) -> SftpConnection:
     """The SFTP connection (not yet open). paramiko costs a tenth of a second to import, so only a run
     that may connect imports it."""
+    if config.sftp.transport == "openssh":
+        from broker_sftp_uploader.openssh import OpensshConnection
+
+        return OpensshConnection(config.sftp, journal, deadline)
     from broker_sftp_uploader.sftp import SftpConnection
 
     return SftpConnection(config.sftp, journal, deadline)

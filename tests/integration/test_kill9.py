@@ -50,9 +50,10 @@ LARGE_RESULT_MIB = 24
 KILL_FRACTIONS = tuple(round(0.02 + index * 0.06, 3) for index in range(20))
 # Uninterrupted runs measured; their median is the run length (single runs were off by up to 50 %).
 TIMED_RUNS = 3
-# Values for a future BROKER.CONCURRENCY-style setting; None leaves it out of the config.
+# Values of SFTP.PARALLEL_UPLOADS; None leaves it out of the config: the default, 8 uploads at once, so
+# C and D are in flight together and the guarantees are checked with concurrency on.
 CONCURRENCY_SETTINGS: tuple[int | None, ...] = (None,)
-CONCURRENCY_KEY = "CONCURRENCY"
+CONCURRENCY_KEY = "PARALLEL_UPLOADS"
 
 
 @dataclass
@@ -86,7 +87,7 @@ class Scenario:
 [BROKER]
 URL = "{self.broker_url}"
 API_KEY = "{ADMIN_KEY}"
-{concurrency}
+
 [REQUESTS]
 TAG = "rki"
 
@@ -97,7 +98,7 @@ USERNAME = "{self.sshd.password_user}"
 PASSWORD = "{self.sshd.password}"
 TIMEOUT = "10"
 FOLDERNAME = "{folder}"
-
+{concurrency}
 [SECURITY]
 PATH_ENCRYPTION_KEY = "{self.key_path}"
 

@@ -184,3 +184,25 @@ def test_load_config_new_keys_wrong_types(tmp_path):
         "REQUESTS.MAX_DELETE_COUNT: expected a whole number, got a string",
         "MISC.RUN_TIMEOUT: expected a number, got an array",
     ]
+
+
+def test_load_config_concurrency_defaults(tmp_path):
+    config = load_config(write(tmp_path, ORIGINAL))
+    assert (config.broker.concurrency, config.sftp.parallel_uploads, config.sftp.transport) == (32, 8, "paramiko")
+
+
+def test_load_config_concurrency_and_transport_set(tmp_path):
+    text = ORIGINAL.replace('API_KEY = "xxxAdmin1234"', 'API_KEY = "xxxAdmin1234"\nCONCURRENCY = 4').replace(
+        'FOLDERNAME = "rki"', 'FOLDERNAME = "rki"\nPARALLEL_UPLOADS = 1\nTRANSPORT = "openssh"')
+    config = load_config(write(tmp_path, text))
+    assert (config.broker.concurrency, config.sftp.parallel_uploads, config.sftp.transport) == (4, 1, "openssh")
+
+
+def test_load_config_concurrency_and_transport_problems_all_reported(tmp_path):
+    text = ORIGINAL.replace('API_KEY = "xxxAdmin1234"', 'API_KEY = "xxxAdmin1234"\nCONCURRENCY = 0').replace(
+        'FOLDERNAME = "rki"', 'FOLDERNAME = "rki"\nPARALLEL_UPLOADS = 10\nTRANSPORT = "scp"')
+    assert problems_of(write(tmp_path, text)) == [
+        "BROKER.CONCURRENCY: must be between 1 and 64, got 0",
+        "SFTP.PARALLEL_UPLOADS: must be between 1 and 9, got 10",
+        "SFTP.TRANSPORT: expected one of 'paramiko', 'openssh', got 'scp'",
+    ]
