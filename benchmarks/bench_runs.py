@@ -97,16 +97,29 @@ def run(command: list[str], cwd: Path) -> tuple[float, float]:
     return seconds, 0.0
 
 
-def run_measured(command: list[str], cwd: Path) -> tuple[float, float]:
-    """Like ``run`` but with the child's own peak RSS (os.wait4 on exactly that process)."""
+# Runs the CLI and reports the peak RSS of its own address space (VmHWM): unlike ru_maxrss, which keeps
+# what the forking parent had resident, VmHWM starts afresh at exec.
+PEAK_PROBE = (
+    "import atexit, re, runpy, sys\n"
+    "def report():\n"
+    "    status = open('/proc/self/status').read()\n"
+    "    sys.stderr.write('PEAK_RSS_KIB=%s\\n' % re.search(r'VmHWM:\\s+(\\d+)', status).group(1))\n"
+    "atexit.register(report)\n"
+    "sys.argv = ['broker-sftp-uploader', *sys.argv[1:]]\n"
+    "runpy.run_module('broker_sftp_uploader', run_name='__main__')\n"
+)
+
+
+def run_measured(arguments: list[str], cwd: Path) -> tuple[float, float]:
+    """Run the CLI with ``arguments``; return (seconds, its peak RSS in MiB). It must exit 0."""
     started = time.monotonic()
-    child = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(child.pid, 0)
+    child = subprocess.run([sys.executable, "-c", PEAK_PROBE, *arguments], cwd=cwd, capture_output=True,
+                           text=True, check=False)
     seconds = time.monotonic() - started
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise RuntimeError(f"{command[:4]} exited {code}: {child.stderr.read().decode()[-2000:]}")
-    return seconds, usage.ru_maxrss / 1024
+    if child.returncode != 0:
+        raise RuntimeError(f"{arguments} exited {child.returncode}: {child.stderr[-2000:]}")
+    peak = int(child.stderr.strip().splitlines()[-1].split("=")[1]) / 1024
+    return seconds, peak
 
 
 class Site:
@@ -225,7 +238,7 @@ def bench_large(size_text: str, scratch: Path, sshd: SshdServer, transport: str)
         actors.put_result(broker.url, NODE, request_id, result, content_type="application/octet-stream")
         actors.post_status(broker.url, NODE, request_id, "completed")
         site = Site(work, broker, sshd, "site", extra)
-        seconds, rss = run_measured(site.sync_command(), site.root)
+        seconds, rss = run_measured(["sync", "-c", str(site.config)], site.root)
         seconds -= sum(broker.export_seconds)  # the broker's bundle build is not ours to speed up
         uploaded = site.remote / f"export_{request_id}.zip"
         payload = uploaded.stat().st_size

@@ -171,7 +171,7 @@ class SyncRunner:
     def _finish_upload(self, action: Upload, uploaded: int) -> None:
         """Record a completed upload and save the ledger (main thread only); then retire an earlier
         version's file name."""
-        self.ledger.record_upload(action.request_id, action.completion, action.file_name, self.now())
+        self.ledger.record_upload(action.request_id, action.completion, action.file_name, self.now(), uploaded)
         self.ledger.save()
         self._retire_legacy_name(action)
 
@@ -281,7 +281,8 @@ class SyncRunner:
         completed = []
         for action, outcome in outcomes:
             if isinstance(outcome, int):
-                self.ledger.record_upload(action.request_id, action.completion, action.file_name, self.now())
+                self.ledger.record_upload(action.request_id, action.completion, action.file_name, self.now(),
+                                          outcome)
                 completed.append(action)
             elif isinstance(outcome, _Stopped):
                 continue

@@ -22,7 +22,8 @@ from broker_sftp_uploader.errors import LedgerError
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S"
 # A remote file name we recorded: a plain base name in FOLDERNAME, never hidden, never a path.
 _SAFE_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
-RESERVED_FILE_NAMES = frozenset({"status.xml"})
+LEDGER_FILE = "status.xml"  # the ledger's name, locally and as its copy on the server
+RESERVED_FILE_NAMES = frozenset({LEDGER_FILE})
 _CONVENTIONAL_NAME = re.compile(r"export_([0-9]{1,18})\.zip")
 FORMAT_VERSION = "1"
 
@@ -42,6 +43,7 @@ class LedgerEntry:
     last_update: str | None
     deleted: str | None
     remote_name: str | None
+    size: int | None = None  # bytes of the uploaded token (ours: <size>); None in older ledgers
 
     @property
     def is_deleted(self) -> bool:
@@ -69,6 +71,11 @@ def _child_text(element: etree._Element, name: str) -> str | None:
     if child is None:
         return None
     return (child.text or "").strip()
+
+
+def _size(text: str | None) -> int | None:
+    """A recorded size, or None when missing or not a plain number (it only ever informs a check)."""
+    return int(text) if text is not None and text.isdigit() and len(text) <= 15 else None
 
 
 def _set_child(element: etree._Element, name: str, text: str) -> None:
@@ -159,9 +166,11 @@ class Ledger:
             last_update=_child_text(element, "last-update"),
             deleted=_child_text(element, "deleted"),
             remote_name=_child_text(element, "file"),
+            size=_size(_child_text(element, "size")),
         ) for request_id, element in self._elements.items()}
 
-    def record_upload(self, request_id: str, completion: str, remote_name: str, moment: datetime) -> None:
+    def record_upload(self, request_id: str, completion: str, remote_name: str, moment: datetime,
+                      size: int | None = None) -> None:
         """Note that the request's result was uploaded with ``completion``.
 
         A new request gets ``uploaded``; a known one gets ``last-update``, and loses ``deleted`` if
@@ -183,6 +192,8 @@ class Ledger:
             if deleted is not None:
                 element.remove(deleted)
         _set_child(element, "file", remote_name)
+        if size is not None:
+            _set_child(element, "size", str(size))
 
     def _insert_in_id_order(self, element: etree._Element, number: int) -> None:
         """Put a new entry before the first one with a higher id: the file's order is then the same

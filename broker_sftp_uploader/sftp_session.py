@@ -18,6 +18,7 @@ import logging
 import posixpath
 import secrets
 import socket
+import stat
 import threading
 from collections import deque
 from typing import BinaryIO
@@ -201,6 +202,19 @@ class SftpSession:
                             "(this server cannot replace a file in one step), but the new one could not be "
                             f"renamed into place ({reason(error)}); the next run uploads it again"
                             ) from None
+
+    def list_sizes(self) -> dict[str, int]:
+        """The folder's regular files, name -> size (hidden ones included).
+
+        :raises SftpError: the folder cannot be listed.
+        """
+        try:
+            with deferred():
+                listing = self.client.listdir_attr(self.folder)
+        except FAILURES as error:
+            raise SftpError(f"cannot list {self.folder!r} on {self.where}: {reason(error)}") from None
+        return {item.filename: item.st_size or 0 for item in listing
+                if item.st_mode is not None and stat.S_ISREG(item.st_mode)}
 
     def remove_leftover_parts(self) -> int:
         """Remove the partial uploads that the journal says an interrupted run left behind.

@@ -15,11 +15,11 @@ from pathlib import Path
 
 from broker_sftp_uploader.broker import BrokerClient
 from broker_sftp_uploader.errors import UploaderError
-from broker_sftp_uploader.ledger import LedgerEntry, default_file_name
+from broker_sftp_uploader.ledger import LEDGER_FILE, LedgerEntry, default_file_name
 
 logger = logging.getLogger(__name__)
 
-LEDGER_REMOTE_NAME = "status.xml"
+LEDGER_REMOTE_NAME = LEDGER_FILE
 
 
 @dataclass(frozen=True)
@@ -175,11 +175,6 @@ def list_requests(broker: BrokerClient, tag: str) -> list[str]:
     ids = broker.list_tagged_request_ids(tag)
     logger.info("broker lists %d request(s) tagged %r", len(ids), tag)
     return ids
-
-
-def fetch_listing(broker: BrokerClient, tag: str) -> dict[str, str]:
-    """Ask the broker for the tagged requests and each one's completion string."""
-    return broker.get_completions(list_requests(broker, tag))
 
 
 def ledger_digest_path(ledger_path: Path) -> Path:

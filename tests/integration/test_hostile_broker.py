@@ -127,14 +127,18 @@ def run_cli(workspace, *extra: str) -> tuple[subprocess.CompletedProcess, float]
 
 
 def run_measured(workspace) -> tuple[subprocess.CompletedProcess, float, float]:
-    """Run `sync` in a child that reports its own peak RSS (ru_maxrss of exactly that process)."""
+    """Run `sync` in a child that reports the peak RSS of its own address space at exit.
+
+    VmHWM, not ru_maxrss: the latter keeps what the forking parent (pytest) had resident.
+    """
     probe = (
-        "import resource, runpy, sys\n"
+        "import atexit, re, runpy, sys\n"
+        "def report():\n"
+        "    status = open('/proc/self/status').read()\n"
+        "    sys.stderr.write('PEAK_RSS_KIB=%s\\n' % re.search(r'VmHWM:\\s+(\\d+)', status).group(1))\n"
+        "atexit.register(report)\n"
         "sys.argv = ['broker-sftp-uploader', 'sync', '--config', sys.argv[1]]\n"
-        "try:\n"
-        "    runpy.run_module('broker_sftp_uploader', run_name='__main__')\n"
-        "finally:\n"
-        "    sys.stderr.write('PEAK_RSS_KIB=%d\\n' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        "runpy.run_module('broker_sftp_uploader', run_name='__main__')\n"
     )
     start = time.monotonic()
     result = subprocess.run([sys.executable, "-c", probe, str(workspace.config_path)], capture_output=True,
