@@ -16,6 +16,7 @@ EXIT_KEY = 12
 EXIT_BROKER = 13
 EXIT_SFTP = 14
 EXIT_LEDGER = 15
+EXIT_OUTPUT = 16  # decrypt: the output file exists (no --force), is the input, or cannot be written
 
 
 class UploaderError(Exception):
@@ -59,6 +60,13 @@ class DecryptError(UploaderError):
     """A file could not be decrypted: wrong key, tampered, truncated or not a Fernet token."""
 
     exit_code = EXIT_KEY
+
+
+class OutputFileError(UploaderError):
+    """``decrypt`` cannot write its output: the file exists (without --force), is the input itself, or its
+    folder cannot be created or written. The input and the key are not at fault."""
+
+    exit_code = EXIT_OUTPUT
 
 
 class BrokerError(UploaderError):
