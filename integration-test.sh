@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# End-to-end run of the original broker-sftp-uploader integration scenario (shared/broker-api.md §6)
+# End-to-end run of the original broker-sftp-uploader integration scenario (docs/broker-api.md §6)
 # against the broker emulator and a real OpenSSH sshd on 127.0.0.1, with hard assertions.
 # Sets itself up on a fresh machine (as root: apt openssh-server + curl; this package and the test
 # resources' needs into the project's virtualenv .venv/, so the machine's Python is left as it was),

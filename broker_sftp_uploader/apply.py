@@ -31,11 +31,12 @@ from broker_sftp_uploader.crypto import EncryptingReader, encrypted_size
 from broker_sftp_uploader.errors import BrokerError, LedgerError, UploaderError
 from broker_sftp_uploader.ledger import Ledger
 from broker_sftp_uploader.prefetch import Prefetcher
+from broker_sftp_uploader.progress import Progress
+from broker_sftp_uploader.report import ActionResult, Report
 from broker_sftp_uploader.sync import (
     LEDGER_REMOTE_NAME,
     Delete,
     Plan,
-    Report,
     Upload,
     ledger_digest_path,
     ledger_needs_upload,
@@ -75,8 +76,9 @@ class SyncRunner:
 
     def __init__(self, broker: BrokerClient, sftp: SftpConnection, ledger: Ledger, key: bytes,
                  upload_ledger: bool = True, now: Callable[[], datetime] = _utc_now,
-                 deadline: float | None = None, workers: int = 1):
+                 deadline: float | None = None, workers: int = 1, progress: Progress | None = None):
         self.deadline = deadline
+        self.progress = progress or Progress()
         self.broker = broker
         self.sftp = sftp
         self.ledger = ledger
@@ -95,6 +97,8 @@ class SyncRunner:
         :raises UploaderError: what ``connected`` raised.
         """
         report = Report(unchanged=plan.unchanged, refusal=plan.refusal())
+        report.actions.extend(ActionResult(action.request_id, "delete", "vanished", "refused",
+                                           error="mass-deletion guard") for action in plan.refused)
         if self.workers > 1 and len(plan.uploads) > 1:
             self._upload_in_parallel(plan, report, connected)
         else:
@@ -103,12 +107,16 @@ class SyncRunner:
                 self._attempt(report, action, lambda action=action: self._finish_upload(
                     action, self._upload(lambda: self.sftp.main, action)))
         if self.upload_ledger and self.ledger_needs_upload():
+            started = time.monotonic()
             try:
-                self._upload_ledger()
+                size = self._upload_ledger()
                 report.ledger_uploaded = True
+                report.actions.append(ActionResult(None, "ledger", None, "done", size, time.monotonic() - started))
             except UploaderError as error:
                 logger.error("ledger upload: %s", error)
-                report.failures.append(("status.xml", error))
+                report.failures.append((LEDGER_REMOTE_NAME, error))
+                report.actions.append(ActionResult(None, "ledger", None, "failed",
+                                                   seconds=time.monotonic() - started, error=str(error)))
         return report
 
     def _before_uploads(self, plan: Plan, report: Report, connected: Callable[[], None]) -> None:
@@ -124,24 +132,36 @@ class SyncRunner:
                                "the next run does it")
         return None
 
-    def _attempt(self, report: Report, action: Delete | Upload, work: Callable[[], None]) -> None:
+    def _attempt(self, report: Report, action: Delete | Upload, work: Callable[[], int | None]) -> None:
         """Run one action in this thread and note its outcome in ``report``."""
+        started = time.monotonic()
         try:
             late = self._out_of_time()
             if late is not None:
                 raise late
-            work()
+            size = work()
         except UploaderError as error:
             if isinstance(error, LedgerError):  # nothing more could be recorded
                 raise
-            self._failed(report, action, error)
+            self._failed(report, action, error, time.monotonic() - started)
             return
-        (report.deleted if isinstance(action, Delete) else report.uploaded).append(action.request_id)
+        self._done(report, action, size or 0, time.monotonic() - started)
 
     @staticmethod
-    def _failed(report: Report, action: Delete | Upload, error: UploaderError) -> None:
+    def _done(report: Report, action: Delete | Upload, size: int, seconds: float) -> None:
+        is_delete = isinstance(action, Delete)
+        (report.deleted if is_delete else report.uploaded).append(action.request_id)
+        report.actions.append(ActionResult(action.request_id, "delete" if is_delete else "upload",
+                                           "vanished" if is_delete else action.reason, "done", size, seconds))
+
+    @staticmethod
+    def _failed(report: Report, action: Delete | Upload, error: UploaderError, seconds: float = 0.0) -> None:
         logger.error("request %s: %s", action.request_id, error)
         report.failures.append((action.request_id, error))
+        is_delete = isinstance(action, Delete)
+        report.actions.append(ActionResult(action.request_id, "delete" if is_delete else "upload",
+                                           "vanished" if is_delete else action.reason, "failed",
+                                           seconds=seconds, error=str(error)))
 
     def _delete(self, action: Delete) -> None:
         logger.info("%s", action.describe())
@@ -159,21 +179,26 @@ class SyncRunner:
             session = session_for_upload()
             encrypting = EncryptingReader(result, self.key)
             size = encrypted_size(result.size) if result.size is not None else None
-            if size is not None and size <= SMALL_RESULT:
-                uploaded = session.upload(encrypting, action.file_name, size)
-            else:
-                with Prefetcher(encrypting) as token:
-                    uploaded = session.upload(token, action.file_name, size)
+            transfer = self.progress.start(action.file_name, size)
+            try:
+                if size is not None and size <= SMALL_RESULT:
+                    uploaded = session.upload(encrypting, action.file_name, size, transfer.advance)
+                else:
+                    with Prefetcher(encrypting) as token:
+                        uploaded = session.upload(token, action.file_name, size, transfer.advance)
+            finally:
+                self.progress.finish(transfer)
             logger.debug("request %s: %d bytes uploaded encrypted as %s", action.request_id,
                          encrypting.plain_bytes_read, action.file_name)
         return uploaded
 
-    def _finish_upload(self, action: Upload, uploaded: int) -> None:
+    def _finish_upload(self, action: Upload, uploaded: int) -> int:
         """Record a completed upload and save the ledger (main thread only); then retire an earlier
-        version's file name."""
+        version's file name. Returns ``uploaded``."""
         self.ledger.record_upload(action.request_id, action.completion, action.file_name, self.now(), uploaded)
         self.ledger.save()
         self._retire_legacy_name(action)
+        return uploaded
 
     def _retire_legacy_name(self, action: Upload) -> None:
         if action.legacy_file is not None:
@@ -198,7 +223,7 @@ class SyncRunner:
         todo: queue.SimpleQueue[Upload] = queue.SimpleQueue()
         for action in uploads:
             todo.put(action)
-        outcomes: queue.SimpleQueue[tuple[Upload, int | BaseException] | None] = queue.SimpleQueue()
+        outcomes: queue.SimpleQueue[tuple[Upload, int | BaseException, float] | None] = queue.SimpleQueue()
 
         def work() -> None:
             sessions: list[SftpSession] = []
@@ -218,19 +243,21 @@ class SyncRunner:
                         action = todo.get_nowait()
                     except queue.Empty:
                         break
+                    started = time.monotonic()
                     try:
                         late = self._out_of_time()
                         if late is not None:
                             raise late
-                        outcomes.put((action, self._upload(session_for_upload, action)))
+                        size = self._upload(session_for_upload, action)
+                        outcomes.put((action, size, time.monotonic() - started))
                     except TransferStopped:
-                        outcomes.put((action, _Stopped()))
+                        outcomes.put((action, _Stopped(), 0.0))
                     except _NoSession as refused:  # the main session takes this one over at the end
                         logger.warning("%s; fewer uploads run at once", refused.error)
                         todo.put(action)
                         break
                     except BaseException as error:  # noqa: BLE001 - judged by the main thread
-                        outcomes.put((action, error))
+                        outcomes.put((action, error, time.monotonic() - started))
             finally:
                 for session in sessions:
                     session.close()
@@ -276,27 +303,27 @@ class SyncRunner:
             self._attempt(report, action, lambda action=action: self._finish_upload(
                 action, self._upload(lambda: self.sftp.main, action)))
 
-    def _judge_all(self, report: Report, outcomes: list[tuple[Upload, int | BaseException]]) -> None:
+    def _judge_all(self, report: Report, outcomes: list[tuple[Upload, int | BaseException, float]]) -> None:
         """Record the completed uploads among ``outcomes`` (one ledger save), report the failures."""
         completed = []
-        for action, outcome in outcomes:
+        for action, outcome, seconds in outcomes:
             if isinstance(outcome, int):
                 self.ledger.record_upload(action.request_id, action.completion, action.file_name, self.now(),
                                           outcome)
-                completed.append(action)
+                completed.append((action, outcome, seconds))
             elif isinstance(outcome, _Stopped):
                 continue
             elif isinstance(outcome, LedgerError):
                 raise outcome
             elif isinstance(outcome, UploaderError):
-                self._failed(report, action, outcome)
+                self._failed(report, action, outcome, seconds)
             else:
                 raise outcome  # a bug in a worker: let its traceback out
         if not completed:
             return
         self.ledger.save()
-        for action in completed:
-            report.uploaded.append(action.request_id)
+        for action, size, seconds in completed:
+            self._done(report, action, size, seconds)
             self._retire_legacy_name(action)
 
     def digest_path(self) -> Path:
@@ -306,9 +333,10 @@ class SyncRunner:
         """True when the server's copy of the ledger may differ from the local one."""
         return ledger_needs_upload(self.ledger.path)
 
-    def _upload_ledger(self) -> None:
+    def _upload_ledger(self) -> int:
         content = self.ledger.path.read_bytes()
         self.sftp.upload(io.BytesIO(content), LEDGER_REMOTE_NAME, len(content))
         with atomic_write(self.digest_path(), mode=0o644) as handle:
             handle.write(hashlib.sha256(content).hexdigest().encode("ascii") + b"\n")
         logger.info("uploaded the ledger as %s", LEDGER_REMOTE_NAME)
+        return len(content)

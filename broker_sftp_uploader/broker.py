@@ -1,4 +1,4 @@
-"""HTTP client for the AKTIN broker API (see docs in the README's "Broker API" section).
+"""HTTP client for the AKTIN broker API (the wire contract: docs/broker-api.md).
 
 Everything the broker sends is treated as untrusted:
 
@@ -388,6 +388,32 @@ class BrokerClient:
         """
         completions = run_parallel(self.get_completion, request_ids, self.concurrency)
         return dict(zip(request_ids, completions))
+
+    def api_key_role(self) -> str:
+        """Tell what kind of key the API key is: ``"admin"``, ``"node"`` or ``"unknown"``.
+
+        The broker answers 401 to an admin call both for a key it does not know and for a node
+        (hospital) key, so this asks the node-only GET /broker/my/request instead: a node key gets
+        200, an admin key 500 (the broker finds no node for it), an unknown key 401. One attempt,
+        no retries: it only explains a refusal that already happened.
+
+        :raises BrokerError: unreachable, too slow, or another answer.
+        """
+        describe = "GET /broker/my/request"
+        deadline = start_deadline(self._deadline_in(self.call_timeout))
+        try:
+            headers = {**self._headers, "Accept": "application/xml"}
+            response = self._pool.request("GET", "/broker/my/request", headers, deadline, fresh=True)
+            response.close()  # the body (a node's request list) is not needed
+        except TransportError as error:
+            raise BrokerError(f"cannot ask the broker at {self.base_url} about the API key "
+                              f"({error.reason})") from None
+        finally:
+            deadline.finish()
+        roles = {200: "node", 500: "admin", 401: "unknown"}
+        if response.status not in roles:
+            raise BrokerError(_status_message(response.status, describe))
+        return roles[response.status]
 
     def open_result(self, request_id: str) -> ResultStream:
         """Export the request's result bundle and open its download as a stream (close it after use).

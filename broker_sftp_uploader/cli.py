@@ -1,4 +1,5 @@
-"""Command line: ``sync``, ``keygen`` and ``decrypt``. The only module that knows click.
+"""Command line: ``sync``, ``check``, ``status``, ``keygen``, ``fingerprint`` and ``decrypt``. The only module
+that knows click.
 
 Each command parses its options, sets up logging, calls the core and turns an ``UploaderError``
 into one ``Error: …`` line on stderr and its exit code. Any other exception is a bug: its traceback
@@ -8,17 +9,28 @@ goes out (cron mails it) with exit code 1.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import sys
+from functools import partial
 from pathlib import Path
 
 import click
 
 from broker_sftp_uploader import __version__, interrupts
 from broker_sftp_uploader.config import load_config
-from broker_sftp_uploader.crypto import decrypt_file, decrypt_to_stream, generate_key_file, load_keys
+from broker_sftp_uploader.crypto import (
+    decrypt_file,
+    decrypt_to_stream,
+    generate_key_file,
+    load_keys,
+    make_output_dir,
+    output_path_for,
+)
+from broker_sftp_uploader.crypto import fingerprint as key_fingerprint
 from broker_sftp_uploader.errors import EXIT_DELETES_REFUSED, EXIT_KEY, UploaderError
-from broker_sftp_uploader.job import exit_code_for, run_sync
+from broker_sftp_uploader.job import SyncOptions, execute_sync
+from broker_sftp_uploader.progress import Progress
 
 EXIT_INTERRUPTED = 130
 
@@ -45,16 +57,49 @@ Exit codes:
    0  every FILE decrypted
    2  usage error
   12  a key file is missing or invalid, or a FILE failed to decrypt (wrong key,
-      tampered, truncated, not a Fernet file); the other FILEs are still done
+      tampered, truncated, not a Fernet file)
+  16  an output file exists (pass --force to replace it), is FILE itself, or
+      cannot be written (its folder cannot be created, is not writable, disk full)
+  With several FILEs the others are still done; 12 wins over 16.
+"""
+
+KEYGEN_EPILOG = """\b
+Exit codes:
+   0  key written
+  12  PATH exists or cannot be created
+"""
+
+FINGERPRINT_EPILOG = """\b
+Without this tool, for a key file as keygen writes it (one key):
+  head -n1 rki.key | tr -d '\\n' | sha256sum | cut -c1-8
+
+\b
+Exit codes:
+   0  printed
+  12  KEYFILE missing, unreadable, holding no key or a line that is not a key
 """
 
 
-def _setup_logging(verbosity: int) -> None:
+_LOG_LAYOUT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Log lines on stderr; the progress line (if any) is erased before each."""
+
+    progress: Progress | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.progress is not None:
+            self.progress.clear()
+        super().emit(record)
+
+
+def _setup_logging(verbosity: int) -> _StderrHandler:
     """Warnings and errors only by default (cron mails any output); -v info, -vv debug incl. paramiko."""
     level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
-    handler = logging.StreamHandler(sys.stderr)
-    layout = "%(levelname)s: %(message)s" if verbosity == 0 else "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    handler.setFormatter(logging.Formatter(layout))
+    handler = _StderrHandler(sys.stderr)
+    handler.setLevel(level)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s" if verbosity == 0 else _LOG_LAYOUT))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -62,6 +107,21 @@ def _setup_logging(verbosity: int) -> None:
     root.setLevel(level)
     # paramiko reports failures we report ourselves, in several lines; keep it quiet unless -vv.
     logging.getLogger("paramiko").setLevel(logging.DEBUG if verbosity >= 2 else logging.CRITICAL)
+    return handler
+
+
+def _add_log_file(path: Path) -> None:
+    """Append INFO (and worse) to ``path`` as well, whatever stderr shows."""
+    try:
+        handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    except OSError as error:
+        raise UploaderError(f"cannot open the log file {path}: {error.strerror or error}; check --log-file / "
+                            "MISC.LOG_FILE") from None
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter(_LOG_LAYOUT))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(min(root.level, logging.INFO))
 
 
 def _fail(message: str, code: int) -> None:
@@ -79,8 +139,9 @@ def _reports_errors(command):
         except UploaderError as error:
             _fail(str(error), error.exit_code)
         except KeyboardInterrupt:
-            _fail("interrupted; the ledger holds every completed action and unfinished uploads were removed",
-                  EXIT_INTERRUPTED)
+            what = ("; the ledger holds every completed action and unfinished uploads were removed"
+                    if command.__name__ == "sync" else "")
+            _fail(f"interrupted{what}", EXIT_INTERRUPTED)
 
     return wrapper
 
@@ -94,59 +155,238 @@ def cli() -> None:
     """Deliver the results of tagged AKTIN broker requests, Fernet-encrypted, to an SFTP server."""
 
 
-@cli.command(epilog=EXIT_CODES_HELP)
-@click.option("-c", "--config", "config_path", required=True, envvar="BROKER_SFTP_UPLOADER_CONFIG",
-              type=click.Path(dir_okay=False, path_type=Path), show_envvar=True,
-              help="TOML config file (the original script's format).")
+SYNC_EPILOG = """\b
+Examples:
+  broker-sftp-uploader sync -c /etc/aktin/sftp-upload.toml            # as cron runs it
+  broker-sftp-uploader sync -c /etc/aktin/sftp-upload.toml --dry-run  # what would it do?
+  broker-sftp-uploader sync -c /etc/aktin/sftp-upload.toml --request 42   # send 42 again
+  broker-sftp-uploader sync -c /etc/aktin/sftp-upload.toml --repair   # restore damaged files
+
+""" + EXIT_CODES_HELP
+
+_config_option = click.option(
+    "-c", "--config", "config_path", required=True, envvar="BROKER_SFTP_UPLOADER_CONFIG",
+    type=click.Path(dir_okay=False, path_type=Path), show_envvar=True,
+    help="TOML config file (the original script's format).")
+
+
+@cli.command(epilog=SYNC_EPILOG, short_help="Upload new and changed results, delete vanished ones.")
+@_config_option
 @click.option("--dry-run", is_flag=True, help="Print what would be done; change nothing anywhere.")
 @click.option("--allow-deletes", is_flag=True,
               help="Delete vanished requests' files even beyond the mass-deletion guard (this run only).")
+@click.option("--request", "requests", multiple=True, metavar="ID",
+              help="Re-send exactly this request, whatever the ledger says, and nothing else (repeatable).")
+@click.option("--repair", is_flag=True,
+              help="First re-upload every file that is missing or damaged on the server, then sync as usual.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the run's report as one JSON object on stdout (as in WORKING_DIR/last-run.json).")
+@click.option("--progress/--no-progress", default=None,
+              help="Show transfer progress and a summary line on stderr [default: when stderr is a terminal].")
+@click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also append an INFO log to this file (default: MISC.LOG_FILE).")
 @_verbose_option
 @_reports_errors
-def sync(config_path: Path, dry_run: bool, allow_deletes: bool, verbose: int) -> None:
+def sync(config_path: Path, dry_run: bool, allow_deletes: bool, requests: tuple[str, ...], repair: bool,
+         as_json: bool, progress: bool | None, log_file: Path | None, verbose: int) -> None:
     """Upload new and changed results, delete vanished ones, and record it all in the ledger.
 
-    Quiet on success; meant to run from cron.
+    Quiet on success when not on a terminal; meant to run from cron. Every run leaves its report
+    in WORKING_DIR/last-run.json (and in MISC.METRICS_FILE for Prometheus, if set).
     """
-    _setup_logging(verbose)
+    stderr_handler = _setup_logging(verbose)
     interrupts.install()
+    bad = [request_id for request_id in requests if not request_id.isdigit()]
+    if bad:
+        raise click.BadParameter(f"not a request id: {bad[0]!r}", param_hint="--request")
+    if requests and repair:
+        raise click.UsageError("use either --request or --repair, not both")
     config = load_config(config_path)
-    report = run_sync(config, dry_run=dry_run, allow_deletes=allow_deletes, show=click.echo)
-    code = exit_code_for(report)
+    if log_file or config.log_file:
+        _add_log_file(log_file or config.log_file)
+    shown = sys.stderr.isatty() if progress is None else progress
+    line = Progress(sys.stderr if shown and not dry_run else None)
+    stderr_handler.progress = line
+    options = SyncOptions(dry_run=dry_run, allow_deletes=allow_deletes,
+                          requests=tuple(str(int(request_id)) for request_id in requests), repair=repair)
+    try:
+        outcome = execute_sync(config, options, show=partial(click.echo, err=as_json), progress=line)
+    finally:
+        line.close()
+    if as_json:
+        click.echo(json.dumps(outcome.document, indent=2))
+    report, code = outcome.report, outcome.exit_code
+    if shown and report is not None and not dry_run:
+        click.echo(report.summary(), err=True)
+    if outcome.error is not None:
+        raise outcome.error
+    assert report is not None
     if code == EXIT_DELETES_REFUSED:
         _fail(report.refusal or "deletions refused", code)
     if report.refusal:
         logging.getLogger(__name__).error("%s", report.refusal)
     if code:
         failed = ", ".join(request_id for request_id, _ in report.failures)
-        _fail(f"{len(report.failures)} action(s) failed ({failed}); {report.summary()}; "
+        total = len(report.failures) + len(report.uploaded) + len(report.deleted)
+        _fail(f"{len(report.failures)} of {total} actions failed ({failed}: see above); {report.summary()}; "
               "the ledger records everything that was done", code)
 
 
-@cli.command(epilog="Exit codes: 0 written, 12 PATH exists or cannot be created.")
+CHECK_EPILOG = """\b
+Examples:
+  broker-sftp-uploader check -c /etc/aktin/sftp-upload.toml
+  broker-sftp-uploader check -c /etc/aktin/sftp-upload.toml --json | jq .exit_code
+
+\b
+Steps, one line each (ok, warning, FAILED, info or skipped):
+  config, fernet key, ssh key, broker, api key, requests (how many
+  REQUESTS.TAG selects; none is a warning), sftp server (host key new,
+  known or changed), sftp login, sftp folder (a hidden probe file is
+  written, renamed and removed), ledger, lock (is a run going on?)
+
+\b
+Exit codes (that of the first failed step):
+   0  every step passed (warnings allowed)
+   2  usage error
+  10  config invalid
+  12  Fernet key or SSH private key missing or invalid
+  13  broker unreachable or failing, API key unknown or not an admin key
+  14  SFTP server unreachable, host key changed, login refused, or
+      FOLDERNAME missing or not writable, renamable and deletable
+  15  ledger unreadable, lock file unusable, WORKING_DIR not writable
+"""
+
+
+@cli.command(epilog=CHECK_EPILOG, short_help="Check the whole set-up; change nothing.")
+@_config_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the lines.")
+@_reports_errors
+def check(config_path: Path, as_json: bool) -> None:
+    """Check the set-up step by step, and change nothing: no ledger write, no lock taken, no host key
+    recorded, nothing left on the server. Run it after installing, after changing the config, and
+    when a run failed.
+    """
+    _setup_logging(0)
+    interrupts.install()
+    from broker_sftp_uploader.preflight import run_checks  # paramiko: only for the commands that connect
+
+    result = run_checks(config_path)
+    if as_json:
+        click.echo(json.dumps(result.document(), indent=2))
+    else:
+        for line in result.lines():
+            click.echo(line)
+    sys.exit(result.exit_code)
+
+
+STATUS_EPILOG = """\b
+Examples:
+  broker-sftp-uploader status -c /etc/aktin/sftp-upload.toml
+  broker-sftp-uploader status -c /etc/aktin/sftp-upload.toml --remote
+  broker-sftp-uploader status -c /etc/aktin/sftp-upload.toml --json | jq '.requests[0]'
+
+\b
+Exit codes:
+   0  shown (also when --remote found missing or damaged files)
+   2  usage error
+  10  config invalid
+  12  (--remote) SSH private key missing or invalid
+  13  (--remote) broker unreachable or failing
+  14  (--remote) SFTP login or folder listing failed
+  15  ledger unreadable
+"""
+
+
+@cli.command(epilog=STATUS_EPILOG, short_help="Show the ledger; with --remote, broker and server too.")
+@_config_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+@click.option("--remote", is_flag=True,
+              help="Also show what the next run would do (asks the broker) and which files on the server are "
+                   "missing, of the wrong size or not in the ledger (lists FOLDERNAME).")
+@_verbose_option
+@_reports_errors
+def status(config_path: Path, as_json: bool, remote: bool, verbose: int) -> None:
+    """Show the ledger, newest first: each request's completion, remote file, and when it was uploaded,
+    updated and deleted. Read-only; works while a sync runs.
+    """
+    _setup_logging(verbose)
+    interrupts.install()
+    from broker_sftp_uploader.status_view import build_status
+
+    view = build_status(load_config(config_path), remote=remote)
+    if as_json:
+        click.echo(json.dumps(view.document(), indent=2))
+    else:
+        for line in view.lines():
+            click.echo(line)
+
+
+@cli.command(epilog=KEYGEN_EPILOG, short_help="Write a new Fernet key file and print its fingerprint.")
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
 @_reports_errors
 def keygen(path: Path) -> None:
-    """Write a new Fernet key to PATH (mode 0600; never overwrites an existing file)."""
+    """Write a new Fernet key to PATH (mode 0600; never overwrites an existing file).
+
+    Prints the key's fingerprint, never the key. Give the key to the receiver on a safe channel and
+    compare fingerprints on the phone. The file belongs to whoever runs keygen: run it as the user
+    that runs sync, or hand the file over with install -o.
+
+    \b
+    Examples:
+      broker-sftp-uploader keygen /etc/aktin/rki.key
+      sudo -u aktin broker-sftp-uploader keygen /etc/aktin/rki.key
+    """
     fingerprint = generate_key_file(path)
     click.echo(f"wrote a new key to {path}; fingerprint {fingerprint} (compare it with the receiver's)")
 
 
-@cli.command(epilog=DECRYPT_EXIT_CODES_HELP)
+@cli.command("fingerprint", epilog=FINGERPRINT_EPILOG, short_help="Print the fingerprint of each key in a file.")
+@click.argument("key_file", metavar="KEYFILE", type=click.Path(dir_okay=False, path_type=Path))
+@_reports_errors
+def fingerprint_command(key_file: Path) -> None:
+    """Print the fingerprint of every key in KEYFILE, one line each, in file order.
+
+    The same value keygen printed: the first 8 hex digits of the SHA-256 of the key's text without its
+    line end. The first line is the key sync encrypts with.
+
+    \b
+    Example:
+      broker-sftp-uploader fingerprint rki.key
+    """
+    _setup_logging(0)
+    for key in load_keys(key_file):
+        click.echo(key_fingerprint(key))
+
+
+@cli.command(epilog=DECRYPT_EXIT_CODES_HELP, short_help="Decrypt files made by sync (the receiver's side).")
 @click.option("-k", "--key", "key_files", multiple=True, required=True,
               type=click.Path(dir_okay=False, path_type=Path),
               help="Key file; may hold several keys, one per line. Repeat for more files.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
               help="Output file for a single FILE; '-' writes to stdout.")
-@click.option("-d", "--output-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Folder for the decrypted files (same names). Default: the current folder.")
+@click.option("-d", "--output-dir", type=click.Path(path_type=Path),
+              help="Folder for the decrypted files, under FILE's own name; created if missing. "
+                   "Default: beside each FILE, as NAME.decrypted.zip.")
 @click.option("-f", "--force", is_flag=True, help="Replace existing output files.")
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @_verbose_option
 @_reports_errors
 def decrypt(key_files: tuple[Path, ...], output: Path | None, output_dir: Path | None, force: bool,
             files: tuple[Path, ...], verbose: int) -> None:
-    """Decrypt FILE(s) made by sync. Output is written only after the file's signature verified."""
+    """Decrypt FILE(s) made by sync. Output is written only after the file's signature verified.
+
+    Each plaintext goes beside its FILE, with ".decrypted" before the extension (export_2.zip gives
+    export_2.decrypted.zip); with --output-dir, into that folder under FILE's own name. Existing files
+    are replaced only with --force, FILE itself never.
+
+    \b
+    Examples:
+      broker-sftp-uploader decrypt --key rki.key export_2.zip
+          writes export_2.decrypted.zip
+      broker-sftp-uploader decrypt --key rki.key export_*.zip --output-dir plain/
+          writes plain/export_2.zip, plain/export_4.zip, ...
+      broker-sftp-uploader decrypt --key rki.key export_2.zip -o bundle.zip
+    """
     _setup_logging(verbose)
     interrupts.install()
     if output is not None and output_dir is not None:
@@ -157,19 +397,21 @@ def decrypt(key_files: tuple[Path, ...], output: Path | None, output_dir: Path |
     if output is not None and str(output) == "-":
         decrypt_to_stream(keys, files[0], sys.stdout.buffer)
         return
-    folder = output_dir or Path.cwd()
-    failures = 0
+    if output_dir is not None:
+        make_output_dir(output_dir)
+    codes = []
     for source in files:
-        target = output if output is not None else folder / source.name
+        target = output if output is not None else output_path_for(source, output_dir)
         try:
             decrypt_file(keys, source, target, overwrite=force)
         except UploaderError as error:
-            failures += 1
+            codes.append(error.exit_code)
             click.echo(f"Error: {error}", err=True)
             continue
         logging.getLogger(__name__).info("decrypted %s to %s", source, target)
-    if failures:
-        sys.exit(EXIT_KEY)
+    if codes:
+        # A file that does not decrypt matters more than an output that is in the way.
+        sys.exit(EXIT_KEY if EXIT_KEY in codes else codes[0])
 
 
 def main() -> None:

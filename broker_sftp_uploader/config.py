@@ -81,6 +81,8 @@ class Config:
     max_delete_percent: float = 50.0  # mass-deletion guard: share of the live remote files
     max_delete_count: int | None = None  # mass-deletion guard: number of files; None: no count limit
     run_timeout: float = 14400.0  # seconds one run may take in all
+    metrics_file: Path | None = None  # Prometheus textfile for node_exporter, rewritten after each run
+    log_file: Path | None = None  # INFO log appended by every run
 
     @property
     def ledger_path(self) -> Path:
@@ -265,9 +267,25 @@ _KNOWN_KEYS: dict[str | None, set[str]] = {
              "UPLOAD_LEDGER", "RETRIES", "PRIVATE_KEY", "PRIVATE_KEY_PASSPHRASE",
              "PRIVATE_KEY_PASSPHRASE_FILE", "PARALLEL_UPLOADS", "TRANSPORT"},
     "SECURITY": {"PATH_ENCRYPTION_KEY"},
-    "MISC": {"WORKING_DIR", "RUN_TIMEOUT"},
+    "MISC": {"WORKING_DIR", "RUN_TIMEOUT", "METRICS_FILE", "LOG_FILE"},
     "SMTP": {"HOST", "USERNAME", "PASSWORD"},
 }
+
+
+def is_systemd_credential(path: Path) -> bool:
+    """Tell whether ``path`` is one of this service's systemd credentials (``LoadCredential=``).
+
+    systemd hands them over in ``$CREDENTIALS_DIRECTORY`` as mode 0400 files that only the service's
+    user may read, granted by an ACL entry; the ACL's mask then shows as group read bits (0440),
+    which is no sign of exposure.
+    """
+    folder = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not folder:
+        return False
+    try:
+        return Path(path).resolve().parent == Path(folder).resolve()
+    except OSError:
+        return False
 
 
 def warn_if_exposed(path: Path, mode: int, subject: str, advice: str = "") -> None:
@@ -275,7 +293,7 @@ def warn_if_exposed(path: Path, mode: int, subject: str, advice: str = "") -> No
 
     ``subject`` names the file and begins the message ("… is accessible by group or others").
     """
-    if os.name == "posix" and mode & 0o077:
+    if os.name == "posix" and mode & 0o077 and not is_systemd_credential(path):
         logger.warning("%s is accessible by group or others (mode %03o); run: chmod 600 %s%s",
                        subject, mode & 0o777, path, advice)
 
@@ -377,6 +395,11 @@ def parse_config(data: dict[str, Any], source: Path, environ: Mapping[str, str] 
         reader.problems.append(f"MISC.WORKING_DIR: folder {working_dir} does not exist; create it first")
     run_timeout = reader.number("MISC", "RUN_TIMEOUT", 14400.0, 60, 604800, integer=False)
     known_hosts = reader.path("SFTP", "KNOWN_HOSTS", required=False)
+    metrics_file = reader.path("MISC", "METRICS_FILE", required=False)
+    log_file = reader.path("MISC", "LOG_FILE", required=False)
+    for name, path in (("MISC.METRICS_FILE", metrics_file), ("MISC.LOG_FILE", log_file)):
+        if path is not None and not path.parent.is_dir():
+            reader.problems.append(f"{name}: folder {path.parent} does not exist; create it first")
 
     if reader.problems:
         raise ConfigError(str(source), reader.problems)
@@ -401,6 +424,8 @@ def parse_config(data: dict[str, Any], source: Path, environ: Mapping[str, str] 
         max_delete_percent=float(max_delete_percent),
         max_delete_count=None if max_delete_count is None else int(max_delete_count),
         run_timeout=float(run_timeout),
+        metrics_file=metrics_file,
+        log_file=log_file,
     )
 
 
@@ -418,7 +443,7 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
             data = tomllib.load(handle)
     except FileNotFoundError:
         raise ConfigError(str(path),
-                          ["file not found; pass --config or set BROKER_SFTP_UPLOADER_CONFIG"]) from None
+                          ["file not found; check the path given with --config (or in BROKER_SFTP_UPLOADER_CONFIG)"]) from None
     except OSError as error:
         raise ConfigError(str(path), [f"cannot read: {error.strerror}"]) from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:

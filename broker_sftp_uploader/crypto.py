@@ -37,12 +37,13 @@ from cryptography.hazmat.primitives import hashes, hmac, padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from .atomic import atomic_write, fsync_directory, private_temp_file
-from .errors import DecryptError, KeyFileError
+from .config import is_systemd_credential
+from .errors import DecryptError, KeyFileError, OutputFileError
 
 __all__ = [
     "CHUNK_SIZE", "EncryptingReader", "StreamEncryptor", "decrypt_file", "decrypt_stream",
-    "decrypt_to_stream", "encrypt_stream", "encrypted_size", "fingerprint", "generate_key_file",
-    "load_keys",
+    "decrypt_to_stream", "decrypted_name", "encrypt_stream", "encrypted_size", "fingerprint",
+    "generate_key_file", "load_keys", "make_output_dir", "output_path_for",
 ]
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,11 @@ def _split_key(key: bytes | str) -> tuple[bytes, bytes]:
 
 
 def fingerprint(key: bytes | str) -> str:
-    """Return the first 8 hex digits of SHA-256 over the key's base64 text: safe to show and compare."""
+    """Return the first 8 hex digits of SHA-256 over the key's base64 text: safe to show and compare.
+
+    The text is hashed without its line end (``printf %s KEY | sha256sum``), so a key reads the same
+    whichever file, line end or line it sits on.
+    """
     text = key.encode("ascii") if isinstance(key, str) else key
     return hashlib.sha256(text.strip()).hexdigest()[:8]
 
@@ -109,7 +114,7 @@ def load_keys(path: Path) -> list[bytes]:
     """Return the keys in key file ``path``, one per line; the first is the one to encrypt with.
 
     Blank lines and lines starting with ``#`` are skipped. Logs a warning if group or others may
-    access the file.
+    access the file (not for a systemd credential, see ``is_systemd_credential``).
 
     :raises KeyFileError: if the file cannot be read, holds no key, or a line is not a valid key
         (the message names the file and line number, never the line's text).
@@ -120,7 +125,7 @@ def load_keys(path: Path) -> list[bytes]:
         mode = os.stat(path).st_mode
     except OSError as exc:
         raise KeyFileError(f"cannot read key file {path}: {exc.strerror or exc}") from None
-    if os.name == "posix" and mode & 0o077:
+    if os.name == "posix" and mode & 0o077 and not is_systemd_credential(path):
         log.warning("key file %s is accessible by group or others (mode %03o); run: chmod 600 %s",
                     path, mode & 0o777, path)
     keys = []
@@ -371,6 +376,56 @@ def decrypt_stream(keys: Sequence[bytes], source: BinaryIO, target: BinaryIO,
     return written + len(tail)
 
 
+def decrypted_name(source: Path) -> str:
+    """Given an encrypted file's path, return the name of its plaintext beside it.
+
+    ``export_2.zip`` becomes ``export_2.decrypted.zip``: clearly not the input, and still a ``.zip`` that
+    opens with a double click.
+    """
+    source = Path(source)
+    return f"{source.stem}.decrypted{source.suffix}"
+
+
+def output_path_for(source: Path, output_dir: Path | None) -> Path:
+    """Given an encrypted file and ``decrypt --output-dir`` (or None), return where its plaintext goes.
+
+    Without a folder: beside the input, named by ``decrypted_name``. With a folder: there, under the
+    input's own name, unless that folder is the input's own (the name would be the input's), then by
+    ``decrypted_name`` as well.
+    """
+    source = Path(source)
+    if output_dir is None:
+        return source.with_name(decrypted_name(source))
+    target = Path(output_dir) / source.name
+    if _same_file(source, target):
+        return Path(output_dir) / decrypted_name(source)
+    return target
+
+
+def make_output_dir(folder: Path) -> None:
+    """Create ``folder`` and its parents for plaintext, the new folder itself private (0700).
+
+    :raises OutputFileError: ``folder`` is a file, or cannot be created.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except FileExistsError:
+        raise OutputFileError(f"output folder {folder} is a file; choose another --output-dir") from None
+    except OSError as exc:
+        raise OutputFileError(f"cannot create output folder {folder}: {exc.strerror or exc}") from None
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    """Tell whether two paths name one file (same path, or links to one inode)."""
+    if first.resolve() == second.resolve():
+        return True
+    try:
+        return os.path.samefile(first, second)
+    except OSError:
+        return False
+
+
 def _open_source(source_path: Path) -> BinaryIO:
     try:
         return open(source_path, "rb")
@@ -387,24 +442,26 @@ def decrypt_file(keys: Sequence[bytes], source_path: Path, target_path: Path, *,
     The plaintext goes to a temp file beside the target and is renamed only once verified; on any
     failure neither the target nor the temp file is left behind.
 
-    :raises DecryptError: the source is missing or invalid, the target is the source, the target
-        exists and ``overwrite`` is False, or the target cannot be written.
+    :raises DecryptError: the source is missing, unreadable or not a token made with one of ``keys``.
+    :raises OutputFileError: the target is the source, exists and ``overwrite`` is False, or cannot be
+        written (its folder is missing, not writable, the disk is full).
     """
     source_path, target_path = Path(source_path), Path(target_path)
     with _open_source(source_path) as source:
-        same = source_path.resolve() == target_path.resolve()
-        if same or (target_path.exists() and os.path.samefile(source_path, target_path)):
-            raise DecryptError(f"refusing to decrypt {source_path} onto itself; choose another output")
+        if _same_file(source_path, target_path):
+            raise OutputFileError(f"refusing to decrypt {source_path} onto itself; choose another output")
         if not overwrite and os.path.lexists(target_path):
-            raise DecryptError(f"{target_path} already exists; refusing to overwrite it")
+            raise OutputFileError(f"{target_path} already exists; pass --force to replace it")
+        if not target_path.parent.is_dir():
+            raise OutputFileError(f"cannot write {target_path}: folder {target_path.parent} is missing")
         try:
             with atomic_write(target_path, overwrite=overwrite) as target:
                 return decrypt_stream(keys, source, target, name=str(source_path))
         except FileExistsError:
-            raise DecryptError(f"{target_path} already exists; refusing to overwrite it") from None
+            raise OutputFileError(f"{target_path} already exists; pass --force to replace it") from None
         except OSError as exc:
-            raise DecryptError(f"cannot decrypt {source_path} to {target_path}: "
-                               f"{exc.strerror or exc}") from None
+            raise OutputFileError(f"cannot decrypt {source_path} to {target_path}: "
+                                  f"{exc.strerror or exc}") from None
 
 
 def decrypt_to_stream(keys: Sequence[bytes], source_path: Path, out: BinaryIO,

@@ -11,12 +11,30 @@ import fcntl
 import os
 import re
 import stat
+import time
 from pathlib import Path
 
 from broker_sftp_uploader.errors import LedgerError, LockedError
 
 LOCK_FILE_NAME = "status.xml.lock"
 _PID_TEXT = re.compile(rb"[0-9]{0,10}\n?")
+
+
+def live_holder(fd: int) -> str | None:
+    """The pid written in the lock file, if that process is alive (a holder writes its pid only
+    after taking the lock, so for a moment the file may still name the previous run)."""
+    for _ in range(2):
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        if text.isdigit():
+            try:
+                os.kill(int(text), 0)
+                return text
+            except ProcessLookupError:
+                pass
+            except PermissionError:  # alive, under another user
+                return text
+        time.sleep(0.05)
+    return None
 
 
 class RunLock:
@@ -46,9 +64,9 @@ class RunLock:
             self._check_ours(fd)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            holder = live_holder(fd)
             os.close(fd)
-            who = f" (pid {holder})" if holder.isdigit() else ""
+            who = f" (pid {holder})" if holder else ""
             raise LockedError(f"another run holds the lock {self.path}{who}; "
                               "wait for it to finish") from None
         except BaseException:

@@ -21,6 +21,7 @@ import socket
 import stat
 import threading
 from collections import deque
+from collections.abc import Callable
 from typing import BinaryIO
 
 import paramiko
@@ -74,11 +75,14 @@ class SftpSession:
     def _remote(self, name: str) -> str:
         return posixpath.join(self.folder, name)
 
-    def upload(self, source: BinaryIO, name: str, size: int | None = None) -> int:
+    def upload(self, source: BinaryIO, name: str, size: int | None = None,
+               progress: Callable[[int], None] | None = None) -> int:
         """Upload ``source`` (read to its end) as ``FOLDERNAME/name``, atomically.
 
         Writes ``.name.part-<random>`` first, checks its size, then renames it over ``name``. An
         interrupt is raised only between SFTP requests, so the temp file can always be removed.
+
+        ``progress`` is called with the byte count of every write.
 
         :returns: the number of bytes uploaded.
         :raises SftpError: the transfer or the rename failed; the temp file is then removed.
@@ -90,7 +94,7 @@ class SftpSession:
         if self.journal is not None:  # before the remote file exists, so a kill -9 can't hide it
             self.journal.add(temp_name)
         try:
-            written = self._transfer(source, temp)
+            written = self._transfer(source, temp, progress)
             with deferred():
                 stored = self.client.stat(temp).st_size
             if stored != written or (size is not None and written != size):
@@ -109,7 +113,7 @@ class SftpSession:
         logger.debug("uploaded %s (%s bytes)", final, written)
         return written
 
-    def _transfer(self, source: BinaryIO, temp: str) -> int:
+    def _transfer(self, source: BinaryIO, temp: str, progress: Callable[[int], None] | None = None) -> int:
         """Copy ``source`` into a new remote file with pipelined writes; close it in every outcome."""
         sftp = self.client
         with deferred():
@@ -123,6 +127,8 @@ class SftpSession:
                 with deferred():
                     in_flight.append(_Reply.send(sftp, CMD_WRITE, remote.handle, int64(written), chunk))
                     written += len(chunk)
+                if progress is not None:
+                    progress(len(chunk))
                     while len(in_flight) > MAX_IN_FLIGHT:
                         in_flight.popleft().wait(sftp).raise_unless_ok(sftp)
             with deferred():

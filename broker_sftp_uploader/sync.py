@@ -1,11 +1,12 @@
 """The sync job's plan: what to do, from the broker's listing and the ledger (``apply.py`` does it).
 
 ``plan_sync`` is pure: new, changed and relisted requests are uploaded, vanished ones deleted unless
-the mass-deletion guard refuses. ``Report`` is what a run did, and decides its exit code.
+the mass-deletion guard refuses (``report.py`` tells what a run did).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Mapping
@@ -14,7 +15,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from broker_sftp_uploader.broker import BrokerClient
-from broker_sftp_uploader.errors import UploaderError
 from broker_sftp_uploader.ledger import LEDGER_FILE, LedgerEntry, default_file_name
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,10 @@ class Upload:
                     f"(completion {self.previous_completion} -> {self.completion})")
         if self.reason == "relisted":
             return f"upload request {self.request_id} again (listed again after deletion, completion {self.completion})"
+        if self.reason == "requested":
+            return f"re-send request {self.request_id} (asked for, completion {self.completion})"
+        if self.reason == "repair":
+            return f"re-upload request {self.request_id} (its file on the server is missing or damaged)"
         return f"upload request {self.request_id} (new, completion {self.completion})"
 
 
@@ -115,23 +119,6 @@ class Plan:
                 "if not, check REQUESTS.TAG and the broker")
 
 
-@dataclass
-class Report:
-    """What a run did; ``failures`` holds (request id, message) for every action that failed."""
-
-    uploaded: list[str] = field(default_factory=list)
-    deleted: list[str] = field(default_factory=list)
-    failures: list[tuple[str, UploaderError]] = field(default_factory=list)
-    ledger_uploaded: bool = False
-    unchanged: int = 0
-    refusal: str | None = None
-
-    def summary(self) -> str:
-        refused = ", deletions refused" if self.refusal else ""
-        return (f"{len(self.uploaded)} uploaded, {len(self.deleted)} deleted, {self.unchanged} unchanged, "
-                f"{len(self.failures)} failed{refused}")
-
-
 def _by_id(request_id: str) -> int:
     return int(request_id)
 
@@ -167,6 +154,34 @@ def plan_sync(listed: Mapping[str, str], ledger: Mapping[str, LedgerEntry],
     if guard.refuses(len(deletes), live):
         return Plan((), tuple(uploads), unchanged, refused=tuple(deletes), live=live, guard=guard)
     return Plan(tuple(deletes), tuple(uploads), unchanged, live=live, guard=guard)
+
+
+def plan_requests(requested: tuple[str, ...], listed: Mapping[str, str],
+                  ledger: Mapping[str, LedgerEntry]) -> Plan:
+    """The plan of ``sync --request``: upload exactly ``requested`` (all listed), nothing else."""
+    wanted = sorted(set(requested), key=_by_id)
+    uploads = tuple(_upload_of(request_id, listed[request_id], ledger.get(request_id), "requested")
+                    for request_id in wanted)
+    return Plan((), uploads, unchanged=len(listed) - len(uploads))
+
+
+def add_uploads(plan: Plan, request_ids: list[str], listed: Mapping[str, str],
+                ledger: Mapping[str, LedgerEntry], reason: str) -> Plan:
+    """``plan`` plus uploads of ``request_ids`` (each listed) that it does not upload already."""
+    planned = {upload.request_id for upload in plan.uploads}
+    extra = [_upload_of(request_id, listed[request_id], ledger.get(request_id), reason)
+             for request_id in request_ids if request_id not in planned]
+    if not extra:
+        return plan
+    uploads = tuple(sorted(plan.uploads + tuple(extra), key=lambda upload: _by_id(upload.request_id)))
+    return dataclasses.replace(plan, uploads=uploads, unchanged=plan.unchanged - len(extra))
+
+
+def _upload_of(request_id: str, completion: str, entry: LedgerEntry | None, reason: str) -> Upload:
+    if entry is None:
+        return Upload(request_id, completion, reason)
+    legacy = entry.file_name if entry.file_name != default_file_name(request_id) and not entry.is_deleted else None
+    return Upload(request_id, completion, reason, entry.completion, legacy)
 
 
 def list_requests(broker: BrokerClient, tag: str) -> list[str]:

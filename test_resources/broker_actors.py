@@ -21,7 +21,7 @@ NODE2_KEY = "xxxApiKey567"
 NS = "http://aktin.org/ns/exchange"
 QUERY_REQUEST_TYPE = "application/vnd.aktin.query.request+xml"
 TIMEOUT = 60.0
-# The request body of the original integration test (broker-api.md §3.2); TAG is replaced.
+# The request body of the original integration test (docs/broker-api.md §3.2); TAG is replaced.
 REQUEST_TEMPLATE = (
     '<queryRequest xmlns="http://aktin.org/ns/exchange" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">'
     "<id>1337</id><reference>2020-01-01T00:00:00.000Z</reference><scheduled>2020-01-01T12:00:00.000Z</scheduled>"

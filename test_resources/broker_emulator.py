@@ -1,4 +1,4 @@
-"""HTTP emulator of the AKTIN broker API, for tests (contract: `/work/shared/broker-api.md`).
+"""HTTP emulator of the AKTIN broker API, for tests (contract: `docs/broker-api.md`).
 
 In-process::
 

@@ -1,6 +1,6 @@
 """Wire formats of the AKTIN broker emulator: records, XML documents, media types, XPath filter.
 
-Everything here follows `/work/shared/broker-api.md` (§2.2 serialization, §2.3 timestamps,
+Everything here follows `docs/broker-api.md` (§2.2 serialization, §2.3 timestamps,
 §3.7 filtered search, §3.14 bundle naming). The HTTP side lives in `broker_emulator.py`.
 """
 

@@ -32,11 +32,13 @@ TAG = "rki"
 # What a run may leave in WORKING_DIR besides the ledger's journal of remote temp names; a clean run
 # leaves exactly these (checked by the uninterrupted run). Anything else is a leftover temp file.
 ALLOWED_WORKING_FILES = frozenset({"status.xml", "status.xml.lock", "known_hosts",
-                                   "status.xml.uploaded-sha256"})
+                                   "status.xml.uploaded-sha256", "last-run.json"})
 # The journal of in-flight remote temp names (broker_sftp_uploader/journal.py): a run removes it once
 # it is empty, so after a completed run it must be absent or empty.
 JOURNAL_FILE_NAMES = frozenset({"status.xml.partials"})
 LOCK_FILE_NAME = "status.xml.lock"
+# Rewritten by every run (its report), so not part of what the third run must leave unchanged.
+LAST_RUN_NAME = "last-run.json"
 LEDGER_NAME = "status.xml"
 # How the uploader hides a file in flight on the server: ".<name>.part-<hex>".
 _PARTIAL_UPLOAD = re.compile(r"\..+\.part-.*")
@@ -215,7 +217,7 @@ class SiteSnapshot:
 
     @classmethod
     def take(cls, site: Site) -> SiteSnapshot:
-        return cls(_save(site.working_dir, skip={LOCK_FILE_NAME}), _save(site.remote, skip=set()))
+        return cls(_save(site.working_dir, skip={LOCK_FILE_NAME, LAST_RUN_NAME}), _save(site.remote, skip=set()))
 
     def restore(self, site: Site) -> None:
         """Put the saved files into ``site``'s (empty) folders as they were."""
@@ -306,11 +308,11 @@ def first_run(site: Site, offset: float | None) -> Outcome:
 
 def _state_for_third_run(site: Site) -> dict[str, FileState | bytes | None]:
     """What the third run must not change: every file on the server and in WORKING_DIR (but the
-    lock file, which holds the pid of the last run), and the ledger's bytes."""
+    lock file, which holds the pid of the last run, and that run's report), and the ledger's bytes."""
     state: dict[str, FileState | bytes | None] = {
         f"{name} on the server": value for name, value in file_states(site.remote).items()}
     state.update({f"{name} in WORKING_DIR": value for name, value in
-                  file_states(site.working_dir, skip=frozenset({LOCK_FILE_NAME})).items()})
+                  file_states(site.working_dir, skip=frozenset({LOCK_FILE_NAME, LAST_RUN_NAME})).items()})
     state["the ledger's bytes"] = _read(site.ledger)
     return state
 

@@ -1,4 +1,4 @@
-"""The broker emulator against the wire contract `/work/shared/broker-api.md`, over real HTTP."""
+"""The broker emulator against the wire contract `docs/broker-api.md`, over real HTTP."""
 
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def status_xml(broker: BrokerEmulator, request_id: int | str) -> bytes:
 
 
 def completion(document: bytes) -> str:
-    """The uploader's completion string (broker-api.md §5)."""
+    """The uploader's completion string (docs/broker-api.md §5)."""
     root = ET.fromstring(document)
     nodes, completed = len(root.findall(f".//{{{NS}}}node")), len(root.findall(f".//{{{NS}}}completed"))
     return str(round(completed / nodes, 2) if nodes else 0.0)

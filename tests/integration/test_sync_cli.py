@@ -133,7 +133,8 @@ def test_sync_dry_run_prints_plan_and_changes_nothing(broker, workspace):
     result = workspace.sync("--dry-run")
     assert result.returncode == 0, result.stderr
     assert result.stdout == ("would upload request 0 (new, completion 1.0)\n"
-                             "would upload the ledger as status.xml\n")
+                             "would upload the ledger as status.xml\n"
+                             "plan: 1 to upload, 0 to delete, 0 unchanged\n")
     assert workspace.remote_names() == []
     assert list(workspace.working_dir.iterdir()) == []
     assert [entry.method for entry in broker.requests_log] == ["HEAD", "GET", "GET"]
@@ -147,7 +148,8 @@ def test_sync_partial_failure_exits_3_and_records_the_rest(broker, workspace):
     result = workspace.sync()
     assert result.returncode == 3
     assert f"request {first}: broker answered 500 to POST /broker/export/request-bundle/{first}" in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("Error: 1 action(s) failed")
+    assert result.stderr.strip().splitlines()[-1].startswith(f"Error: 1 of 2 actions failed ({first}: see above); "
+                                                             "1 uploaded (")
     assert sorted(ledger_entries(workspace)) == [second]
     assert workspace.remote_names() == [f"export_{second}.zip", "status.xml"]
 
@@ -164,7 +166,8 @@ def test_sync_truncated_download_uploads_nothing_and_leaves_no_temp_files(broker
     assert result.returncode == 13
     assert f"request {request_id}: download of request {request_id}" in result.stderr
     assert workspace.remote_names() == []
-    assert sorted(path.name for path in workspace.working_dir.iterdir()) == ["known_hosts", "status.xml.lock"]
+    assert sorted(path.name for path in workspace.working_dir.iterdir()) == ["known_hosts", "last-run.json",
+                                                                            "status.xml.lock"]
 
 
 def test_sync_sftp_transfer_refused_exits_14_with_ledger_untouched(broker, workspace, sshd):

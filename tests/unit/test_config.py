@@ -115,7 +115,7 @@ def test_load_config_section_that_is_not_a_table(tmp_path):
 
 def test_load_config_missing_file(tmp_path):
     problems = problems_of(tmp_path / "absent.toml")
-    assert problems == ["file not found; pass --config or set BROKER_SFTP_UPLOADER_CONFIG"]
+    assert problems == ["file not found; check the path given with --config (or in BROKER_SFTP_UPLOADER_CONFIG)"]
 
 
 def test_load_config_not_toml(tmp_path):

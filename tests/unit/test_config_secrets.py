@@ -285,3 +285,22 @@ def test_readable_secret_file_warns(tmp_path, caplog):
     assert record.getMessage() == (f"secret file {file} (SFTP.PRIVATE_KEY_PASSPHRASE_FILE) is accessible by "
                                    f"group or others (mode 644); run: chmod 600 {file}")
     assert_no_secret(caplog.text)
+
+
+def test_systemd_credential_secret_file_does_not_warn(tmp_path, caplog, monkeypatch):
+    from tests.unit.test_crypto import _grant_read_by_acl
+
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    api_key = secret_file(credentials, "api-key", f"{API_KEY}\n".encode())
+    _grant_read_by_acl(api_key, 65534)  # what systemd's LoadCredential= does: mode shows as 0440
+    assert api_key.stat().st_mode & 0o777 == 0o440
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    with caplog.at_level(logging.WARNING):
+        config = load_config(write(tmp_path, broker=f'API_KEY_FILE = "{api_key}"'))
+    assert config.broker.api_key == API_KEY
+    assert [record for record in caplog.records if record.levelno >= logging.WARNING] == []
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "elsewhere"))  # then judged by its mode
+    with caplog.at_level(logging.WARNING):
+        load_config(write(tmp_path, broker=f'API_KEY_FILE = "{api_key}"'))
+    assert any("accessible by group or others" in record.getMessage() for record in caplog.records)

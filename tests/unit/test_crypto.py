@@ -29,8 +29,9 @@ from broker_sftp_uploader.crypto import (
     fingerprint,
     generate_key_file,
     load_keys,
+    output_path_for,
 )
-from broker_sftp_uploader.errors import EXIT_KEY, DecryptError, KeyFileError
+from broker_sftp_uploader.errors import EXIT_KEY, EXIT_OUTPUT, DecryptError, KeyFileError, OutputFileError
 
 MIB = 1024 * 1024
 SMALL_CHUNK = 48
@@ -439,6 +440,41 @@ def test_load_keys_warns_about_loose_permissions(tmp_path, caplog, mode, warned)
         assert str(path) in message and "chmod 600" in message and key.decode() not in message
 
 
+def _grant_read_by_acl(path: Path, uid: int) -> None:
+    """Do what systemd does to a LoadCredential= file: mode 0400 plus an ACL entry letting ``uid`` read.
+
+    The ACL's mask then shows in the group bits (0440) although no group may read the file.
+    """
+    everyone = 0xFFFFFFFF
+    entries = [(0x01, 4, everyone), (0x02, 4, uid), (0x04, 0, everyone), (0x10, 4, everyone), (0x20, 0, everyone)]
+    acl = (2).to_bytes(4, "little") + b"".join(
+        tag.to_bytes(2, "little") + perm.to_bytes(2, "little") + who.to_bytes(4, "little")
+        for tag, perm, who in entries)
+    path.chmod(0o400)
+    try:
+        os.setxattr(path, "system.posix_acl_access", acl)
+    except OSError as exc:  # pragma: no cover - a file system without POSIX ACLs
+        pytest.skip(f"no POSIX ACLs on {path.parent}: {exc}")
+
+
+def test_key_delivered_as_a_systemd_credential_gives_no_warning(tmp_path, caplog, monkeypatch):
+    credentials = tmp_path / "credentials" / "broker-sftp-uploader.service"
+    credentials.mkdir(parents=True)
+    path = credentials / "rki.key"
+    path.write_bytes(Fernet.generate_key() + b"\n")
+    _grant_read_by_acl(path, 65534)
+    assert path.stat().st_mode & 0o777 == 0o440  # what the service sees
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    with caplog.at_level(logging.WARNING, logger="broker_sftp_uploader.crypto"):
+        load_keys(path)
+    assert [r for r in caplog.records if r.levelno == logging.WARNING] == []
+    # the same file outside a service's credentials is judged by its mode as usual
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "elsewhere"))
+    with caplog.at_level(logging.WARNING, logger="broker_sftp_uploader.crypto"):
+        load_keys(path)
+    assert any("chmod 600" in r.getMessage() for r in caplog.records)
+
+
 # --- decrypt_file / decrypt_to_stream targets --------------------------------------------------
 
 
@@ -458,8 +494,9 @@ def test_decrypt_file_never_overwrites_its_input(key, tmp_path):
     (tmp_path / "link").symlink_to(source)
     os.link(source, tmp_path / "hard")
     for target in (source, tmp_path / "link", tmp_path / "hard", tmp_path / "." / "in.fernet"):
-        with pytest.raises(DecryptError):
+        with pytest.raises(OutputFileError, match="onto itself") as caught:
             decrypt_file([key], source, target, overwrite=True)
+        assert caught.value.exit_code == EXIT_OUTPUT
         assert source.read_bytes() == token
 
 
@@ -467,12 +504,55 @@ def test_decrypt_file_refuses_existing_target(key, tmp_path):
     source, target = tmp_path / "in.fernet", tmp_path / "out"
     source.write_bytes(ours_encrypt(key, b"new"))
     target.write_bytes(b"old")
-    with pytest.raises(DecryptError, match="already exists"):
+    with pytest.raises(OutputFileError, match="already exists") as caught:
         decrypt_file([key], source, target)
+    assert caught.value.exit_code == EXIT_OUTPUT != EXIT_KEY
     assert target.read_bytes() == b"old"
     decrypt_file([key], source, target, overwrite=True)
     assert target.read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.fernet", "out"]
+
+
+def test_decrypt_file_into_a_missing_folder_is_an_output_error(key, tmp_path):
+    source = tmp_path / "in.fernet"
+    source.write_bytes(ours_encrypt(key, b"plain"))
+    with pytest.raises(OutputFileError, match="missing"):
+        decrypt_file([key], source, tmp_path / "missing" / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.fernet"]
+
+
+def test_decrypt_file_with_a_bad_token_does_not_report_the_output(key, tmp_path):
+    """A tampered input is the key/input's fault (12), even when the output also exists."""
+    source, target = tmp_path / "in.fernet", tmp_path / "out"
+    source.write_bytes(with_bit_flipped(ours_encrypt(key, b"plain" * 100), 60, significant=True))
+    with pytest.raises(DecryptError):
+        decrypt_file([key], source, target)
+    assert not target.exists()
+
+
+# --- where decrypt writes by default -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("export_0.zip", "export_0.decrypted.zip"),
+    ("export_12.zip", "export_12.decrypted.zip"),
+    ("token", "token.decrypted"),
+    ("archive.tar.gz", "archive.tar.decrypted.gz"),
+])
+def test_output_beside_the_input_gets_a_decrypted_name(tmp_path, name, expected):
+    assert output_path_for(tmp_path / name, None) == tmp_path / expected
+    assert output_path_for(Path(name), None) == Path(expected)
+
+
+def test_output_dir_keeps_the_input_name(tmp_path):
+    assert output_path_for(tmp_path / "in" / "export_2.zip", tmp_path / "plain") == tmp_path / "plain" / "export_2.zip"
+
+
+def test_output_dir_that_is_the_input_folder_gets_the_decrypted_name(tmp_path, monkeypatch):
+    (tmp_path / "export_2.zip").write_bytes(b"token")
+    monkeypatch.chdir(tmp_path)
+    assert output_path_for(Path("export_2.zip"), Path(".")) == Path(".") / "export_2.decrypted.zip"
+    assert output_path_for(tmp_path / "export_2.zip", tmp_path / "." ) == tmp_path / "export_2.decrypted.zip"
 
 
 def test_decrypt_file_missing_source(key, tmp_path):
@@ -520,3 +600,21 @@ def test_memory_stays_bounded_for_a_64_mib_stream(key):
     assert plain.count == total
     assert encrypt_peak < 2 * MIB, encrypt_peak
     assert decrypt_peak < 2 * MIB, decrypt_peak
+
+
+# --- the output folder -------------------------------------------------------------------------
+
+
+def test_make_output_dir_creates_parents_and_a_private_folder(tmp_path):
+    crypto.make_output_dir(tmp_path / "a" / "b")
+    assert (tmp_path / "a" / "b").is_dir()
+    assert (tmp_path / "a" / "b").stat().st_mode & 0o777 == 0o700
+    crypto.make_output_dir(tmp_path / "a" / "b")  # an existing folder is fine
+
+
+def test_make_output_dir_over_a_file_is_an_output_error(tmp_path):
+    (tmp_path / "taken").write_bytes(b"x")
+    for folder in (tmp_path / "taken", tmp_path / "taken" / "below"):
+        with pytest.raises(OutputFileError, match="taken"):
+            crypto.make_output_dir(folder)
+    assert (tmp_path / "taken").read_bytes() == b"x"

@@ -246,3 +246,17 @@ def test_run_lock_second_holder_fails_at_once(tmp_path):
 def test_run_lock_same_process_second_lock_is_refused(tmp_path):
     with RunLock(tmp_path), pytest.raises(LockedError, match="another run holds the lock"):
         RunLock(tmp_path).acquire()
+
+
+def test_run_lock_names_no_pid_that_is_not_alive(tmp_path):
+    # A holder that has the flock but has not written its pid yet: the file still names the last run.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    path = tmp_path / "status.xml.lock"
+    path.write_text(f"{dead}\n")
+    with open(path, "rb") as holder:
+        import fcntl
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        with pytest.raises(LockedError) as caught:
+            RunLock(tmp_path).acquire()
+    assert str(caught.value) == f"another run holds the lock {path}; wait for it to finish"

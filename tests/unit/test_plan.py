@@ -3,7 +3,8 @@
 from broker_sftp_uploader.errors import BrokerError, SftpError
 from broker_sftp_uploader.job import exit_code_for
 from broker_sftp_uploader.ledger import LedgerEntry
-from broker_sftp_uploader.sync import Delete, DeletionGuard, Report, Upload, plan_sync
+from broker_sftp_uploader.report import Report
+from broker_sftp_uploader.sync import Delete, DeletionGuard, Upload, plan_sync
 
 ANY = DeletionGuard(allow=True)
 
