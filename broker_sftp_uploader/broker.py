@@ -24,145 +24,30 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-from lxml import etree
-
 from broker_sftp_uploader import __version__
+from broker_sftp_uploader.broker_documents import (
+    RequestListParser,
+    StatusParser,
+    feed_xml,
+)
 from broker_sftp_uploader.deadlines import Deadline, start_deadline
 from broker_sftp_uploader.errors import BrokerError
 from broker_sftp_uploader.http_client import ConnectionPool, Response, TooLargeError, TransportError
 
 logger = logging.getLogger(__name__)
 
-NAMESPACE = "http://aktin.org/ns/exchange"
 QUERY_MEDIA_TYPE = "application/vnd.aktin.query.request+xml"
 USER_AGENT = f"broker-sftp-uploader/{__version__}"
 CONCURRENCY = 32  # status calls at once: a small share of Jetty's 200 request threads
 # A listing of 10,000 requests is about 1 MiB; a status list of 1,000 nodes about 0.2 MiB.
 MAX_XML_BYTES = 8 * 1024 * 1024
-MAX_LISTED_REQUESTS = 100_000
 CONNECT_TIMEOUT = 10.0
 CALL_TIMEOUT = 60.0  # listing and status calls, retries included
 EXPORT_TIMEOUT = 1800.0  # the broker builds the bundle before it answers the export call
 RETRIES = 3
 _RETRY_STATUSES = frozenset({502, 503, 504})
 
-_REQUEST_ID = re.compile(r"[0-9]{1,18}")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
-
-
-def _safe_parser(**options) -> etree.XMLPullParser:
-    return etree.XMLPullParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False,
-                               **options)
-
-
-def format_completion(completed: int, total: int) -> str:
-    """Completion as the original script wrote it: ``str(round(c / n, 2))``, ``"0.0"`` without rows."""
-    return str(round(completed / total, 2) if total else 0.0)
-
-
-class _RequestListParser:
-    """Collects the ``id`` of every direct child of a ``request-list``, fed piece by piece."""
-
-    what = "request list"
-
-    def __init__(self) -> None:
-        self.ids: list[str] = []
-        self._seen: set[str] = set()
-        self._depth = 0
-
-    def start(self, element: etree._Element) -> None:
-        self._depth += 1
-        if self._depth == 1 and etree.QName(element).localname != "request-list":
-            raise BrokerError(f"broker sent a <{etree.QName(element).localname}> where a request-list "
-                              "was expected")
-        if self._depth != 2:
-            return
-        request_id = (element.get("id") or "").strip()
-        if not _REQUEST_ID.fullmatch(request_id):
-            raise BrokerError(f"broker sent a request with an invalid id {request_id[:40]!r}")
-        request_id = str(int(request_id))
-        if request_id in self._seen:
-            raise BrokerError(f"broker listed request {request_id} twice")
-        if len(self.ids) >= MAX_LISTED_REQUESTS:
-            raise BrokerError(f"broker lists more than {MAX_LISTED_REQUESTS} requests; refusing (is the "
-                              "tag too broad?)")
-        self._seen.add(request_id)
-        self.ids.append(request_id)
-
-    def end(self, element: etree._Element) -> None:
-        self._depth -= 1
-
-
-class _StatusParser:
-    """Counts ``node`` rows and ``completed`` marks of a ``request-status-list``, fed piece by piece."""
-
-    what = "request status"
-
-    def __init__(self) -> None:
-        self.nodes = 0
-        self.completed = 0
-
-    def start(self, element: etree._Element) -> None:
-        if element.tag == f"{{{NAMESPACE}}}node":
-            self.nodes += 1
-        elif element.tag == f"{{{NAMESPACE}}}completed":
-            self.completed += 1
-
-    def end(self, element: etree._Element) -> None:
-        pass
-
-    @property
-    def completion(self) -> str:
-        return format_completion(self.completed, self.nodes)
-
-
-def _feed_xml(pieces: Iterator[bytes], handler: _RequestListParser | _StatusParser) -> None:
-    """Parse an XML document from ``pieces`` without keeping it: ``handler`` sees each element.
-
-    Elements are discarded as soon as they end, so memory stays flat whatever the document's size.
-
-    :raises BrokerError: the document is not well-formed XML or the handler refuses it.
-    """
-    parser = _safe_parser(events=("start", "end"))
-    try:
-        for piece in pieces:
-            parser.feed(piece)
-            _drain(parser, handler)
-        parser.close()
-        _drain(parser, handler)
-    except etree.XMLSyntaxError as error:
-        raise BrokerError(f"broker sent an unreadable {handler.what} (not XML: {error})") from None
-
-
-def _drain(parser: etree.XMLPullParser, handler: _RequestListParser | _StatusParser) -> None:
-    for event, element in parser.read_events():
-        if event == "start":
-            handler.start(element)
-        else:
-            handler.end(element)
-            element.clear(keep_tail=False)
-            parent = element.getparent()
-            if parent is not None:
-                # drop the finished siblings too: the tree would otherwise keep every element
-                while element.getprevious() is not None:
-                    del parent[0]
-
-
-def parse_request_ids(document: bytes) -> list[str]:
-    """Return the ``id`` attribute of every request in a broker ``request-list`` document.
-
-    :raises BrokerError: not XML, not a request list, an id that is not an integer, or listed twice.
-    """
-    handler = _RequestListParser()
-    _feed_xml(iter([document]), handler)
-    return handler.ids
-
-
-def parse_completion(document: bytes) -> str:
-    """Compute completion from a ``request-status-list``: rows with ``completed`` / all rows."""
-    handler = _StatusParser()
-    _feed_xml(iter([document]), handler)
-    return handler.completion
 
 
 class ResultStream:
@@ -349,13 +234,13 @@ class BrokerClient:
             response.close()
             raise
 
-    def _read_xml(self, path: str, handler: _RequestListParser | _StatusParser,
+    def _read_xml(self, path: str, handler: RequestListParser | StatusParser,
                   query: dict[str, str] | None = None) -> None:
         """GET an XML document into ``handler``, retrying transient failures within the call's deadline."""
 
         def consume(response: Response, deadline: Deadline) -> None:
             try:
-                _feed_xml(response.pieces(MAX_XML_BYTES), handler)
+                feed_xml(response.pieces(MAX_XML_BYTES), handler)
             finally:
                 response.close()
 
@@ -370,14 +255,14 @@ class BrokerClient:
 
     def list_tagged_request_ids(self, tag: str) -> list[str]:
         """Ids (as strings) of the requests whose definition carries ``<tag>tag</tag>``."""
-        handler = _RequestListParser()
+        handler = RequestListParser()
         self._read_xml("/broker/request/filtered", handler,
                        {"type": QUERY_MEDIA_TYPE, "predicate": f"//tag='{tag}'"})
         return handler.ids
 
     def get_completion(self, request_id: str) -> str:
         """The request's completion string (``"0.0"`` … ``"1.0"``) from its status list."""
-        handler = _StatusParser()
+        handler = StatusParser()
         self._read_xml(f"/broker/request/{request_id}/status", handler)
         return handler.completion
 

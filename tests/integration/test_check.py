@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -40,8 +39,16 @@ def tree(folder: Path) -> dict[str, bytes | None]:
             for path in sorted(folder.rglob("*"))}
 
 
+@pytest.fixture(autouse=True)
+def private_temp_dir(tmp_path, monkeypatch):
+    """The checks' throwaway folders go to a folder of this test's (other test runs may share /tmp)."""
+    folder = tmp_path / "tmpdir"
+    folder.mkdir()
+    monkeypatch.setenv("TMPDIR", str(folder))
+
+
 def our_temp_folders() -> set[str]:
-    return {name for name in os.listdir(tempfile.gettempdir()) if name.startswith("bsu-check-")}
+    return {name for name in os.listdir(os.environ["TMPDIR"]) if name.startswith("bsu-check-")}
 
 
 class Unchanged:

@@ -1,9 +1,9 @@
-"""Unit tests for the broker client's pure parts: completion, ids, remote names."""
+"""Unit tests for the broker documents' parsing: completion, ids, limits; and the remote file names."""
 
 import pytest
 
-from broker_sftp_uploader import broker
-from broker_sftp_uploader.broker import (
+from broker_sftp_uploader import broker_documents
+from broker_sftp_uploader.broker_documents import (
     format_completion,
     parse_completion,
     parse_request_ids,
@@ -89,7 +89,7 @@ def test_parse_request_ids_keeps_memory_flat_on_a_large_listing():
 
 
 def test_parse_request_ids_refuses_a_document_with_too_many_requests(monkeypatch):
-    monkeypatch.setattr(broker, "MAX_LISTED_REQUESTS", 3)
+    monkeypatch.setattr(broker_documents, "MAX_LISTED_REQUESTS", 3)
     document = b"<request-list " + NS + b">" + b"".join(b'<request id="%d"/>' % n for n in range(4)) + \
         b"</request-list>"
     with pytest.raises(BrokerError, match="more than 3 requests"):
