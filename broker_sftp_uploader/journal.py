@@ -33,6 +33,8 @@ class PartialsJournal:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._names: list[str] = self._read()
+        # What earlier runs left; names this run adds are its own uploads in flight, never leftovers.
+        self._inherited = frozenset(self._names)
         self._fd: int | None = None
 
     def _read(self) -> list[str]:
@@ -53,9 +55,13 @@ class PartialsJournal:
         return names
 
     def leftovers(self) -> list[str]:
-        """Temp names a previous run did not finish: each is to be removed on the server."""
+        """Temp names a previous run did not finish: each is to be removed on the server.
+
+        Only names that were in the journal when it was opened: uploads of this run may already be
+        in flight while the leftovers are being removed.
+        """
         with self._lock:
-            return list(self._names)
+            return [name for name in self._names if name in self._inherited]
 
     def add(self, name: str) -> None:
         """Record ``name`` before the remote file is created (durably: flushed to disk)."""
