@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,8 @@ def private_temp_dir(tmp_path, monkeypatch):
 
 
 def our_temp_folders() -> set[str]:
-    return {name for name in os.listdir(os.environ["TMPDIR"]) if name.startswith("bsu-check-")}
+    folder = os.environ.get("TMPDIR") or tempfile.gettempdir()
+    return {name for name in os.listdir(folder) if name.startswith("bsu-check-")}
 
 
 class Unchanged:

@@ -13,7 +13,7 @@ import pytest
 from broker_sftp_uploader.ledger import Ledger
 from test_resources import broker_actors as actors
 from tests.conftest import CLIENT_1
-from tests.integration.test_check import Unchanged
+from tests.integration.test_check import Unchanged, private_temp_dir  # noqa: F401 - autouse fixture
 
 LEDGER = b"""<?xml version='1.0' encoding='UTF-8'?>
 <status version="1">
