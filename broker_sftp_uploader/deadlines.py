@@ -15,7 +15,6 @@ import itertools
 import socket
 import threading
 import time
-from collections.abc import Iterator
 
 
 class Deadline:
@@ -105,13 +104,3 @@ def start_deadline(at: float) -> Deadline:
     deadline = Deadline(at)
     _watchdog.add(deadline)
     return deadline
-
-
-@contextlib.contextmanager
-def deadline_at(at: float) -> Iterator[Deadline]:
-    """Run the enclosed exchange under a hard deadline; sockets join it through ``Deadline.watch``."""
-    deadline = start_deadline(at)
-    try:
-        yield deadline
-    finally:
-        deadline.finish()

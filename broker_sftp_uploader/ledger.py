@@ -17,12 +17,13 @@ from pathlib import Path
 from lxml import etree
 
 from broker_sftp_uploader.atomic import atomic_write
+from broker_sftp_uploader.config import LEDGER_FILE_NAME
 from broker_sftp_uploader.errors import LedgerError
 
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S"
 # A remote file name we recorded: a plain base name in FOLDERNAME, never hidden, never a path.
 _SAFE_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
-LEDGER_FILE = "status.xml"  # the ledger's name, locally and as its copy on the server
+LEDGER_FILE = LEDGER_FILE_NAME  # the ledger's name, locally and as its copy on the server
 RESERVED_FILE_NAMES = frozenset({LEDGER_FILE})
 _CONVENTIONAL_NAME = re.compile(r"export_([0-9]{1,18})\.zip")
 FORMAT_VERSION = "1"

@@ -14,9 +14,10 @@ import stat
 import time
 from pathlib import Path
 
+from broker_sftp_uploader.config import LEDGER_FILE_NAME
 from broker_sftp_uploader.errors import LedgerError, LockedError
 
-LOCK_FILE_NAME = "status.xml.lock"
+LOCK_FILE_NAME = LEDGER_FILE_NAME + ".lock"
 _PID_TEXT = re.compile(rb"[0-9]{0,10}\n?")
 
 
@@ -37,6 +38,45 @@ def live_holder(fd: int) -> str | None:
     return None
 
 
+def _open_lock(path: Path, flags: int) -> int:
+    """Open the lock file with ``flags``, never through a symbolic link.
+
+    :raises FileNotFoundError: it does not exist (and ``flags`` does not create it).
+    :raises LedgerError: it is a symbolic link or cannot be opened.
+    """
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise LedgerError(f"lock file {path} is a symbolic link; remove it (a run creates a plain file "
+                              "there)") from None
+        raise LedgerError(f"cannot open lock file {path}: {error.strerror}; check the permissions of "
+                          "MISC.WORKING_DIR") from None
+
+
+def lock_holder(folder: Path) -> tuple[bool, str | None]:
+    """Whether a run holds the lock in ``folder`` now, and its pid if known; creates and takes nothing.
+
+    Tested with a shared lock that is dropped at once. (A run starting in that very instant would find
+    the lock held and exit 11; the next one runs.)
+
+    :raises LedgerError: the lock path is a symbolic link or cannot be opened.
+    """
+    try:
+        fd = _open_lock(Path(folder) / LOCK_FILE_NAME, os.O_RDONLY)
+    except FileNotFoundError:
+        return False, None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True, live_holder(fd)  # the pid, unless the file still names a run that ended
+    finally:
+        os.close(fd)  # also drops the shared lock
+    return False, None
+
+
 class RunLock:
     """Exclusive, non-blocking lock on ``folder/status.xml.lock``; use as a context manager."""
 
@@ -51,15 +91,7 @@ class RunLock:
         :raises LedgerError: the lock file cannot be created in the working folder.
         """
         # O_NOFOLLOW: a symlink planted at the lock's path must not make us write through it.
-        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-        try:
-            fd = os.open(self.path, flags, 0o644)
-        except OSError as error:
-            if error.errno == errno.ELOOP:
-                raise LedgerError(f"lock file {self.path} is a symbolic link; remove it (a run creates a "
-                                  "plain file there)") from None
-            raise LedgerError(f"cannot open lock file {self.path}: {error.strerror}; "
-                              "check the permissions of MISC.WORKING_DIR") from None
+        fd = _open_lock(self.path, os.O_RDWR | os.O_CREAT)
         try:
             self._check_ours(fd)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -127,13 +127,7 @@ class OpensshConnection(SftpConnection):
             logger.warning("first connection to [%s]:%s: recorded its host key in %s", settings.host,
                            settings.port, settings.known_hosts)
         self._client = None
-        self._main = SftpSession(client, self.folder, self.where, journal=self.journal, traits=self.traits)
-        try:
-            client.stat(self.folder)
-        except OSError as error:
-            self.close()
-            raise SftpError(f"remote folder {self.folder!r} is not usable on {self.where} "
-                            f"({_reason(error)}); create it or fix SFTP.FOLDERNAME") from None
+        self._begin(client)
 
     def _write_secrets(self) -> None:
         if self._secrets is not None:
@@ -278,9 +272,3 @@ def _read_or_none(path: Path) -> bytes | None:
         return path.read_bytes()
     except OSError:
         return None
-
-
-def _reason(error: BaseException) -> str:
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    return str(error) or error.__class__.__name__

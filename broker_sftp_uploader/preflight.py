@@ -19,8 +19,6 @@ import base64
 import binascii
 import contextlib
 import dataclasses
-import errno
-import fcntl
 import logging
 import os
 import posixpath
@@ -47,12 +45,11 @@ from broker_sftp_uploader.errors import (
     EXIT_SFTP,
     BrokerError,
     ConfigError,
-    LedgerError,
     UploaderError,
 )
 from broker_sftp_uploader.interrupts import deferred
 from broker_sftp_uploader.ledger import Ledger
-from broker_sftp_uploader.lock import LOCK_FILE_NAME, live_holder
+from broker_sftp_uploader.lock import lock_holder
 from broker_sftp_uploader.sftp import SftpConnection
 from broker_sftp_uploader.sftp_session import FAILURES, SftpSession, reason
 from broker_sftp_uploader.ssh_keys import fingerprint, load_known_hosts, load_private_key
@@ -476,35 +473,6 @@ def _check_ledger(config: Config) -> tuple[Finding, None]:
     deleted = sum(1 for entry in entries.values() if entry.is_deleted)
     return Finding("ledger", OK, f"{path} holds {len(entries)} request(s): {len(entries) - deleted} live, "
                    f"{deleted} deleted"), None
-
-
-def lock_holder(working_dir: Path) -> tuple[bool, str | None]:
-    """Tell whether a run holds the lock in ``working_dir`` now, and the pid it wrote there.
-
-    Never creates the lock file nor takes the lock: an existing file is opened read-only and tested
-    with a shared lock that is dropped at once. (A sync starting in that very instant would find the
-    lock held and exit 11; the next one runs.)
-
-    :raises LedgerError: the lock path is a symbolic link or cannot be opened.
-    """
-    path = Path(working_dir) / LOCK_FILE_NAME
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False, None
-    except OSError as error:
-        if error.errno == errno.ELOOP:
-            raise LedgerError(f"lock file {path} is a symbolic link; remove it (a run creates a plain file "
-                              "there)") from None
-        raise LedgerError(f"cannot open lock file {path}: {error.strerror}; check the permissions of "
-                          "MISC.WORKING_DIR") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True, live_holder(fd)  # the pid, unless the file still names a run that ended
-    finally:
-        os.close(fd)  # also drops the shared lock
-    return False, None
 
 
 def _check_lock(config: Config) -> tuple[Finding, None]:

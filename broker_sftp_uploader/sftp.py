@@ -167,9 +167,13 @@ class SftpConnection:
             client.close()
             raise
         self._client = client
-        self._main = SftpSession(sftp, self.folder, self.where, journal=self.journal, traits=self.traits)
+        self._begin(sftp)
+
+    def _begin(self, client: paramiko.SFTPClient) -> None:
+        """Make ``client`` the main session, once the folder proved usable (else close and raise)."""
+        self._main = SftpSession(client, self.folder, self.where, journal=self.journal, traits=self.traits)
         try:
-            sftp.stat(self.folder)
+            client.stat(self.folder)
         except OSError as error:
             self.close()
             raise SftpError(f"remote folder {self.folder!r} is not usable on {self.where} "

@@ -135,15 +135,12 @@ def plan_sync(listed: Mapping[str, str], ledger: Mapping[str, LedgerEntry],
     for request_id in sorted(listed, key=_by_id):
         completion = listed[request_id]
         entry = ledger.get(request_id)
-        legacy = None
-        if entry is not None and not entry.is_deleted and entry.file_name != default_file_name(request_id):
-            legacy = entry.file_name
         if entry is None:
-            uploads.append(Upload(request_id, completion, "new"))
+            uploads.append(_upload_of(request_id, completion, entry, "new"))
         elif entry.is_deleted:
-            uploads.append(Upload(request_id, completion, "relisted", entry.completion))
+            uploads.append(_upload_of(request_id, completion, entry, "relisted"))
         elif entry.completion != completion:
-            uploads.append(Upload(request_id, completion, "changed", entry.completion, legacy))
+            uploads.append(_upload_of(request_id, completion, entry, "changed"))
         else:
             unchanged += 1
     for request_id in sorted(ledger, key=_by_id):
@@ -178,6 +175,7 @@ def add_uploads(plan: Plan, request_ids: list[str], listed: Mapping[str, str],
 
 
 def _upload_of(request_id: str, completion: str, entry: LedgerEntry | None, reason: str) -> Upload:
+    """An upload of ``request_id``; a live entry's other (older) file name is retired by it."""
     if entry is None:
         return Upload(request_id, completion, reason)
     legacy = entry.file_name if entry.file_name != default_file_name(request_id) and not entry.is_deleted else None

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 
 from broker_sftp_uploader import interrupts
 from broker_sftp_uploader.crypto import generate_key_file
+from test_resources import broker_actors
 from test_resources.sshd import SshdServer, SshdUnavailable
 
 ADMIN_KEY = "xxxAdmin1234"
@@ -93,11 +95,11 @@ class Workspace:
         return sorted(path.name for path in self.remote.iterdir())
 
 
-@pytest.fixture
-def workspace(tmp_path, sshd, broker, request) -> Workspace:
-    """A config in the original format pointing at this test's broker and its own remote folder."""
-    folder = f"t-{request.node.name[:40]}-{os.urandom(3).hex()}".replace("[", "-").replace("]", "")
-    remote = sshd.folder(folder)
+def make_workspace(tmp_path: Path, broker, server, user: str, password: str, remote_folder: Callable[[str], Path],
+                   test_name: str) -> Workspace:
+    """A config in the original format pointing at ``broker`` and a new folder on the SFTP ``server``."""
+    folder = f"t-{test_name[:40]}-{os.urandom(3).hex()}".replace("[", "-").replace("]", "")
+    remote = remote_folder(folder)
     (tmp_path / "work").mkdir()
     key_path = tmp_path / "rki.key"
     generate_key_file(key_path)
@@ -110,10 +112,10 @@ API_KEY = "{ADMIN_KEY}"
 TAG = "rki"
 
 [SFTP]
-HOST = "{sshd.host}"
-PORT = {sshd.port}
-USERNAME = "{sshd.password_user}"
-PASSWORD = "{sshd.password}"
+HOST = "{server.host}"
+PORT = {server.port}
+USERNAME = "{user}"
+PASSWORD = "{password}"
 TIMEOUT = "10"
 FOLDERNAME = "{folder}"
 
@@ -128,6 +130,43 @@ WORKING_DIR = "work"
     config_path.chmod(0o600)  # it holds secrets: a readable one draws a warning
     return Workspace(root=tmp_path, config_path=config_path, key_path=key_path, remote=remote,
                      config_text=text)
+
+
+@pytest.fixture
+def workspace(tmp_path, sshd, broker, request) -> Workspace:
+    """A config in the original format pointing at this test's broker and its own folder on the sshd."""
+    return make_workspace(tmp_path, broker, sshd, sshd.password_user, sshd.password, sshd.folder,
+                          request.node.name)
+
+
+# A ledger holding request 0 at an older completion than the broker's (see ``prepared``).
+CHANGED_LEDGER = (b"<?xml version='1.0' encoding='UTF-8'?>\n<status>\n  <request-status>\n    <id>0</id>\n"
+                  b"    <completion>0.5</completion>\n    <uploaded>2021-10-11 09:39:50</uploaded>\n"
+                  b"  </request-status>\n</status>\n")
+
+
+@pytest.fixture
+def prepared(broker, workspace, sshd) -> Workspace:
+    """One completed request the ledger holds at an older completion, and the host key pinned."""
+    request_id = broker_actors.create_request(broker.url, "rki")
+    broker_actors.put_result(broker.url, CLIENT_1, request_id, b"a;b\n")
+    broker_actors.post_status(broker.url, CLIENT_1, request_id, "completed")
+    workspace.ledger.write_bytes(CHANGED_LEDGER)
+    workspace.pin_host_key(sshd)
+    return workspace
+
+
+def assert_failed_cleanly(result, code: int, message: str, workspace: Workspace) -> str:
+    """The run failed with ``code`` and one ``Error:`` line holding ``message``, and changed nothing."""
+    assert result.returncode == code, result.stderr
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: ")
+    assert message in lines[0]
+    assert workspace.ledger.read_bytes() == CHANGED_LEDGER
+    assert workspace.remote_names() == []
+    return lines[0]
 
 
 @pytest.fixture

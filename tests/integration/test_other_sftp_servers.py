@@ -23,12 +23,11 @@ from cryptography.fernet import Fernet
 from lxml import etree
 
 from broker_sftp_uploader.config import SftpSettings
-from broker_sftp_uploader.crypto import generate_key_file
 from broker_sftp_uploader.errors import SftpError
 from broker_sftp_uploader.sftp import SftpConnection
 from test_resources import broker_actors as actors
 from test_resources.proftpd import NO_RENAME_FOLDER, ProftpdServer, ProftpdUnavailable
-from tests.conftest import ADMIN_KEY, CLIENT_1, CLIENT_2, Workspace
+from tests.conftest import CLIENT_1, CLIENT_2, Workspace, make_workspace
 
 # What ProFTPD logs for each posix-rename request it refuses because the extension is off.
 REJECTED_POSIX_RENAME = "client requested 'posix-rename@openssh.com' extension, rejecting"
@@ -75,38 +74,8 @@ def proftpd(request):
 @pytest.fixture
 def proftpd_workspace(tmp_path, proftpd, broker, request) -> Workspace:
     """An uploader config in the original format pointing at this test's broker and ProFTPD folder."""
-    folder = f"t-{request.node.name[:40]}-{os.urandom(3).hex()}".replace("[", "-").replace("]", "")
-    remote = proftpd.folder(folder)
-    (tmp_path / "work").mkdir()
-    key_path = tmp_path / "rki.key"
-    generate_key_file(key_path)
-    text = f"""\
-[BROKER]
-URL = "{broker.url}"
-API_KEY = "{ADMIN_KEY}"
-
-[REQUESTS]
-TAG = "rki"
-
-[SFTP]
-HOST = "{proftpd.host}"
-PORT = {proftpd.port}
-USERNAME = "{proftpd.username}"
-PASSWORD = "{proftpd.password}"
-TIMEOUT = "10"
-FOLDERNAME = "{folder}"
-
-[SECURITY]
-PATH_ENCRYPTION_KEY = "rki.key"
-
-[MISC]
-WORKING_DIR = "work"
-"""
-    config_path = tmp_path / "settings.toml"
-    config_path.write_text(text)
-    config_path.chmod(0o600)  # it holds secrets: the uploader warns about a readable one
-    return Workspace(root=tmp_path, config_path=config_path, key_path=key_path, remote=remote,
-                     config_text=text)
+    return make_workspace(tmp_path, broker, proftpd, proftpd.username, proftpd.password, proftpd.folder,
+                          request.node.name)
 
 
 class LogWatch:

@@ -15,26 +15,11 @@ import pytest
 from broker_sftp_uploader.config import SftpSettings
 from broker_sftp_uploader.errors import KeyFileError, SftpError
 from broker_sftp_uploader.sftp import SftpConnection
-from test_resources import broker_actors as actors
 from test_resources.sshd import KEY_FORMATS, KEY_TYPES
-from tests.conftest import CLIENT_1
+from tests.conftest import CHANGED_LEDGER as LEDGER
+from tests.conftest import assert_failed_cleanly
 
-LEDGER = (b"<?xml version='1.0' encoding='UTF-8'?>\n<status>\n  <request-status>\n    <id>0</id>\n"
-          b"    <completion>0.5</completion>\n    <uploaded>2021-10-11 09:39:50</uploaded>\n"
-          b"  </request-status>\n</status>\n")
 PASSPHRASE_VARIABLE = "BROKER_SFTP_UPLOADER_SFTP_PRIVATE_KEY_PASSPHRASE"
-
-
-@pytest.fixture
-def prepared(broker, workspace, sshd):
-    """One completed request the ledger holds at an older completion, the host key pinned, config 0600."""
-    request_id = actors.create_request(broker.url, "rki")
-    actors.put_result(broker.url, CLIENT_1, request_id, b"a;b\n")
-    actors.post_status(broker.url, CLIENT_1, request_id, "completed")
-    workspace.ledger.write_bytes(LEDGER)
-    workspace.pin_host_key(sshd)
-    workspace.config_path.chmod(0o600)
-    return workspace
 
 
 def log_in_as(workspace, sshd, user: str, password: str | None = None, key: Path | None = None,
@@ -55,18 +40,6 @@ def assert_uploaded(result, workspace) -> None:
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
     assert "export_0.zip" in workspace.remote_names()
     assert workspace.ledger.read_bytes() != LEDGER
-
-
-def assert_failed_cleanly(result, code: int, message: str, workspace) -> str:
-    assert result.returncode == code, result.stderr
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("Error: ")
-    assert message in lines[0]
-    assert workspace.ledger.read_bytes() == LEDGER
-    assert workspace.remote_names() == []
-    return lines[0]
 
 
 # --- key login ---------------------------------------------------------------------------------------------

@@ -4,36 +4,7 @@ from __future__ import annotations
 
 import socket
 
-import pytest
-
-from test_resources import broker_actors as actors
-from tests.conftest import CLIENT_1
-
-LEDGER = (b"<?xml version='1.0' encoding='UTF-8'?>\n<status>\n  <request-status>\n    <id>0</id>\n"
-          b"    <completion>0.5</completion>\n    <uploaded>2021-10-11 09:39:50</uploaded>\n"
-          b"  </request-status>\n</status>\n")
-
-
-@pytest.fixture
-def prepared(broker, workspace, sshd):
-    """One completed request on the broker (changed against the ledger), and an existing ledger."""
-    request_id = actors.create_request(broker.url, "rki")
-    actors.put_result(broker.url, CLIENT_1, request_id, b"a;b\n")
-    actors.post_status(broker.url, CLIENT_1, request_id, "completed")
-    workspace.ledger.write_bytes(LEDGER)
-    workspace.pin_host_key(sshd)
-    return workspace
-
-
-def assert_failed_cleanly(result, code: int, message: str, workspace) -> None:
-    assert result.returncode == code, result.stderr
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("Error: ")
-    assert message in lines[0]
-    assert workspace.ledger.read_bytes() == LEDGER
-    assert workspace.remote_names() == []
+from tests.conftest import assert_failed_cleanly
 
 
 def closed_port() -> int:
