@@ -18,33 +18,22 @@ import argparse
 import base64
 import grp
 import hashlib
-import json
 import os
 import pwd
 import re
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from test_resources.sshd import _alive, _descendants, _signal
-
-if TYPE_CHECKING:
-    from typing import Self
+from test_resources.server_process import ServerProcess, serve_until_signal
 
 USERNAME = "bsu-proftpd"
 NO_RENAME_FOLDER = "no-rename"
-PORT_ATTEMPTS = 5
-START_TIMEOUT = 10.0
 FIX_HINT = "run as root after `apt-get install -y proftpd-core proftpd-mod-crypto openssl`"
 
 
@@ -79,17 +68,18 @@ def _password_hash(password: str) -> str:
     return proc.stdout.strip()
 
 
-class ProftpdServer:
+class ProftpdServer(ServerProcess):
     """A real ProFTPD serving SFTP only on 127.0.0.1; use as a context manager.
 
     ``base_dir`` holds config, host key, password file, log and ``sftp/`` (the user's root).
     """
 
-    host = "127.0.0.1"
+    name = "proftpd"
     username = USERNAME
 
     def __init__(self, base_dir: Path, folders: tuple[str, ...] = ("rki",),
                  posix_rename: bool = True) -> None:
+        super().__init__()
         self.base_dir = Path(base_dir).absolute()
         if any(c.isspace() or c in "%\"'<>" for c in str(self.base_dir)):
             raise ValueError(f"base_dir must not contain whitespace, quotes, '<>' or '%': {self.base_dir}")
@@ -97,13 +87,11 @@ class ProftpdServer:
         self.posix_rename = posix_rename
         self.sftp_root = self.base_dir / "sftp"
         self.log_path = self.base_dir / "proftpd.log"
-        self.port: int | None = None
         self.password: str | None = None
         self.host_public_key_line: str | None = None
         self.host_key_fingerprint: str | None = None
         self._host_key = self.base_dir / "host_ed25519_key"
         self._password_file = self.base_dir / "passwd"
-        self._proc: subprocess.Popen | None = None
         self._owner = (pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid)
 
     @staticmethod
@@ -113,11 +101,6 @@ class ProftpdServer:
             raise ProftpdUnavailable(f"ProFTPD binds, chroots and switches users as root; {FIX_HINT}")
         _module_dir(_tool("proftpd"))
         _tool("openssl")
-
-    @property
-    def pid(self) -> int | None:
-        """Pid of the ProFTPD listener while running."""
-        return self._proc.pid if self._proc else None
 
     def folder(self, name: str) -> Path:
         """Local path of folder ``name`` under sftp_root, created writable for the SFTP user."""
@@ -129,29 +112,6 @@ class ProftpdServer:
         os.chown(path, *self._owner)
         path.chmod(0o755)
         return path
-
-    def log_text(self) -> str:
-        """The whole log (ProFTPD's system log and mod_sftp's log, interleaved)."""
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def log_tail(self, lines: int = 30) -> str:
-        """Last ``lines`` lines of the log."""
-        return "\n".join(self.log_text().splitlines()[-lines:])
-
-    def start(self) -> Self:
-        """Write user, host key and config, launch ProFTPD and wait for its SSH banner."""
-        self.check_available()
-        if self._proc is not None:
-            raise RuntimeError("server already started")
-        try:
-            self._prepare()
-            for _ in range(PORT_ATTEMPTS):
-                if self._launch(self._free_port()):
-                    return self
-            raise RuntimeError(f"proftpd found no free port in {PORT_ATTEMPTS} attempts; see {self.log_path}")
-        except BaseException:
-            self.stop()
-            raise
 
     def _prepare(self) -> None:
         """Create folders, the virtual user and an ed25519 host key for this launch."""
@@ -204,13 +164,7 @@ class ProftpdServer:
                   "  </Limit>", "</Directory>", ""]
         return "\n".join(lines)
 
-    def _free_port(self) -> int:
-        with socket.socket() as sock:
-            sock.bind((self.host, 0))
-            return sock.getsockname()[1]
-
-    def _launch(self, port: int) -> bool:
-        """Run ProFTPD on ``port``: False if the port got taken meanwhile, True once it serves."""
+    def _command(self, port: int) -> list[str]:
         proftpd = _tool("proftpd")
         config = self.base_dir / "proftpd.conf"
         config.write_text(self._config(port, _module_dir(proftpd)))
@@ -218,51 +172,10 @@ class ProftpdServer:
                                text=True)
         if check.returncode != 0:
             raise RuntimeError(f"proftpd rejected {config}: {(check.stdout + check.stderr).strip()}")
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        # setpriv (util-linux) makes the kernel SIGTERM proftpd should this process die without stop()
-        setpriv = shutil.which("setpriv")
-        guard = [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
-        with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen([*guard, proftpd, "--nodaemon", "-c", str(config)],
-                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            log_text = self.log_path.read_bytes()[offset:].decode(errors="replace")
-            if self._proc.poll() is not None:
-                self._proc = None
-                if "Address already in use" in log_text:
-                    return False
-                raise RuntimeError(f"proftpd exited early; tail of {self.log_path}:\n{self.log_tail()}")
-            if "standalone mode STARTUP" in log_text and self._banner_ok(port):
-                self.port = port
-                return True
-            time.sleep(0.05)
-        raise RuntimeError(f"proftpd not ready after {START_TIMEOUT}s; tail of {self.log_path}:\n"
-                           f"{self.log_tail()}")
+        return [proftpd, "--nodaemon", "-c", str(config)]
 
-    def _banner_ok(self, port: int) -> bool:
-        try:
-            with socket.create_connection((self.host, port), timeout=1) as sock:
-                return sock.makefile("rb").readline().startswith(b"SSH-2.0-")
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        """Terminate ProFTPD and its session processes (SIGKILL after 5 s); idempotent."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        sessions = _descendants(proc.pid)
-        _signal([proc.pid, *sessions], signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        deadline = time.monotonic() + 5
-        while any(map(_alive, sessions)) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        _signal([pid for pid in sessions if _alive(pid)], signal.SIGKILL)
+    def _ready(self, log_text: str, port: int) -> bool:
+        return "standalone mode STARTUP" in log_text
 
     def info(self) -> dict[str, object]:
         """Connection details as a JSON-serialisable dict."""
@@ -270,11 +183,6 @@ class ProftpdServer:
                  "host_public_key_line")
         return {name: str(v) if isinstance(v := getattr(self, name), Path) else v for name in names}
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,34 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-posix-rename", action="store_true",
                         help="switch off the posix-rename@openssh.com extension")
     args = parser.parse_args(argv)
-    for signum in (signal.SIGTERM, signal.SIGINT):  # both -> KeyboardInterrupt (even if SIGINT was ignored)
-        signal.signal(signum, signal.default_int_handler)
     base = args.base_dir.absolute()
     if not base.exists():
         base.mkdir(parents=True)
         base.chmod(0o755)
-    info_file = base / "proftpd.json"
-    info_file.unlink(missing_ok=True)
     server = ProftpdServer(base, tuple(args.folder or ("rki",)), posix_rename=not args.no_posix_rename)
-    try:
-        server.start()
-        line = json.dumps(server.info())
-        with tempfile.NamedTemporaryFile("w", dir=base, prefix=".proftpd.json.", delete=False) as tmp:
-            tmp.write(line + "\n")
-        os.replace(tmp.name, info_file)
-        print(line, flush=True)
-        while True:
-            signal.pause()
-    except KeyboardInterrupt:
-        return 0
-    except RuntimeError as exc:  # ProftpdUnavailable too
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        server.stop()
-
+    return serve_until_signal(server, base, "proftpd.json")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -16,25 +16,17 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import fcntl
 import grp
 import hashlib
-import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from typing import Self
+from test_resources.server_process import ServerProcess, alive, serve_until_signal
 
 GROUP = "bsu-sftp"
 PASSWORD_USER = "bsu-sftp"
@@ -44,8 +36,6 @@ KEY_TYPES = ("ed25519", "ecdsa", "rsa")
 KEY_FORMATS = ("openssh", "pem")
 PRIVSEP_DIR = Path("/run/sshd")
 STATE_DIR = Path("/run/bsu-sftp-harness")
-PORT_ATTEMPTS = 5
-START_TIMEOUT = 10.0
 FIX_HINT = "run as root after `apt-get install -y openssh-server openssh-sftp-server`"
 
 
@@ -68,47 +58,14 @@ def _run(*args: str, stdin: str | None = None, ok: tuple[int, ...] = (0,)) -> No
         raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
 
 
-def _proc_stat(pid: int | str) -> list[str]:
-    """Fields of /proc/PID/stat after the command name: state, ppid, ..."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-
-
-def _alive(pid: int) -> bool:
-    """True if ``pid`` exists and is not a zombie."""
-    try:
-        return _proc_stat(pid)[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def _descendants(pid: int) -> list[int]:
-    """Pids of all descendants of ``pid`` (the sshd session processes)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        with contextlib.suppress(OSError, IndexError):
-            children.setdefault(int(_proc_stat(entry.name)[1]), []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        found += kids
-        todo += kids
-    return found
-
-
-def _signal(pids: list[int], sig: int) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-
-
-class SshdServer:
+class SshdServer(ServerProcess):
     """A real OpenSSH sshd serving SFTP only on 127.0.0.1; use as a context manager.
 
     ``base_dir`` must stay traversable by the sftp users: keep it out of pytest's ``tmp_path``
     (pytest resets ``/tmp/pytest-of-<user>`` to 0700 whenever another session starts).
     """
 
-    host = "127.0.0.1"
+    name = "sshd"
     password_user = PASSWORD_USER
     key_user = KEY_USER
     both_user = BOTH_USER
@@ -117,19 +74,18 @@ class SshdServer:
         self.base_dir = Path(base_dir).absolute()
         if any(c.isspace() or c in "%\"'" for c in str(self.base_dir)):
             raise ValueError(f"base_dir must not contain whitespace, quotes or '%': {self.base_dir}")
+        super().__init__()
         self.folders = tuple(folders)
         self.sftp_root = self.base_dir / "sftp"
         self.log_path = self.base_dir / "sshd.log"
         self.client_key_path = self.base_dir / "client_ed25519"
         self.client_keys_dir = self.base_dir / "client_keys"
         self.client_key_passphrase: str | None = None
-        self.port: int | None = None
         self.password: str | None = None
         self.host_public_key_line: str | None = None
         self.host_key_fingerprint: str | None = None
         self._host_key = self.base_dir / "ssh_host_ed25519_key"
         self._holder = STATE_DIR / f"holder-{os.getpid()}-{id(self)}"
-        self._proc: subprocess.Popen | None = None
 
     @staticmethod
     def check_available() -> None:
@@ -138,11 +94,6 @@ class SshdServer:
             raise SshdUnavailable(f"the sshd test server creates system users; {FIX_HINT}")
         for name in ("sshd", "ssh-keygen", "useradd", "groupadd", "chpasswd", "nologin"):
             _tool(name)
-
-    @property
-    def pid(self) -> int | None:
-        """Pid of the sshd listener while running."""
-        return self._proc.pid if self._proc else None
 
     def client_key(self, key_type: str = "ed25519", key_format: str = "openssh",
                    encrypted: bool = False) -> Path:
@@ -192,21 +143,6 @@ class SshdServer:
         os.chown(path, 0, gid)
         path.chmod(mode)
         return path
-
-    def start(self) -> Self:
-        """Prepare users, keys and config, launch sshd and wait for its SSH banner."""
-        self.check_available()
-        if self._proc is not None:
-            raise RuntimeError("server already started")
-        try:
-            self._prepare()
-            for _ in range(PORT_ATTEMPTS):
-                if self._launch(self._free_port()):
-                    return self
-            raise RuntimeError(f"sshd found no free port in {PORT_ATTEMPTS} attempts; see {self.log_path}")
-        except BaseException:
-            self.stop()
-            raise
 
     def _prepare(self) -> None:
         """Create users, passwords, directories, keys and authorized_keys for this launch."""
@@ -258,7 +194,7 @@ class SshdServer:
             fcntl.flock(lock, fcntl.LOCK_EX)
             live = False
             for holder in STATE_DIR.glob("holder-*"):
-                if _alive(int(holder.name.split("-")[1])):
+                if alive(int(holder.name.split("-")[1])):
                     live = True
                 else:
                     holder.unlink()
@@ -284,68 +220,20 @@ class SshdServer:
             f"Match User {BOTH_USER}", "    AuthenticationMethods publickey,password", "",
         ])
 
-    def _free_port(self) -> int:
-        with socket.socket() as sock:
-            sock.bind((self.host, 0))
-            return sock.getsockname()[1]
-
-    def _launch(self, port: int) -> bool:
-        """Run sshd on ``port``: False if the port got taken meanwhile, True once it serves."""
+    def _command(self, port: int) -> list[str]:
         config = self.base_dir / "sshd_config"
         config.write_text(self._config(port))
         sshd = _tool("sshd")
         _run(sshd, "-t", "-f", str(config))
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        # setpriv (util-linux) makes the kernel SIGTERM sshd should this process die without stop()
-        setpriv = shutil.which("setpriv")
-        guard = [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
-        with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen([*guard, sshd, "-D", "-e", "-f", str(config)],
-                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            log_text = self.log_path.read_bytes()[offset:].decode(errors="replace")
-            if self._proc.poll() is not None:
-                self._proc = None
-                if "Address already in use" in log_text:
-                    return False
-                raise RuntimeError(f"sshd exited early; tail of {self.log_path}:\n{self.log_tail()}")
-            if f"Server listening on {self.host} port {port}" in log_text and self._banner_ok(port):
-                self.port = port
-                return True
-            time.sleep(0.05)
-        raise RuntimeError(f"sshd not ready after {START_TIMEOUT}s; tail of {self.log_path}:\n{self.log_tail()}")
+        return [sshd, "-D", "-e", "-f", str(config)]
 
-    def _banner_ok(self, port: int) -> bool:
-        try:
-            with socket.create_connection((self.host, port), timeout=1) as sock:
-                return sock.makefile("rb").readline().startswith(b"SSH-2.0-")
-        except OSError:
-            return False
-
-    def log_tail(self, lines: int = 30) -> str:
-        """Last ``lines`` lines of sshd.log."""
-        if not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+    def _ready(self, log_text: str, port: int) -> bool:
+        return f"Server listening on {self.host} port {port}" in log_text
 
     def stop(self) -> None:
         """Terminate sshd and its session processes (SIGKILL after 5 s); idempotent."""
         self._holder.unlink(missing_ok=True)
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        sessions = _descendants(proc.pid)
-        _signal([proc.pid, *sessions], signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        deadline = time.monotonic() + 5
-        while any(map(_alive, sessions)) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        _signal([pid for pid in sessions if _alive(pid)], signal.SIGKILL)
+        super().stop()
 
     def info(self) -> dict[str, object]:
         """Connection details as a JSON-serialisable dict."""
@@ -353,11 +241,6 @@ class SshdServer:
                  "sftp_root", "host_key_fingerprint", "host_public_key_line")
         return {name: str(v) if isinstance(v := getattr(self, name), Path) else v for name in names}
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
 
 def _write_pkcs8_ed25519(path: Path, passphrase: str) -> None:
@@ -380,34 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-dir", type=Path, required=True, help="work dir (created 0755 if missing)")
     parser.add_argument("--folder", action="append", help="upload folder to create (repeatable; default rki)")
     args = parser.parse_args(argv)
-    for signum in (signal.SIGTERM, signal.SIGINT):  # both -> KeyboardInterrupt (even if SIGINT was ignored)
-        signal.signal(signum, signal.default_int_handler)
     base = args.base_dir.absolute()
     if not base.exists():
         base.mkdir(parents=True)
         base.chmod(0o755)
-    info_file = base / "sshd.json"
-    info_file.unlink(missing_ok=True)
-    server = SshdServer(base, tuple(args.folder or ("rki",)))
-    try:
-        server.start()
-        line = json.dumps(server.info())
-        with tempfile.NamedTemporaryFile("w", dir=base, prefix=".sshd.json.", delete=False) as tmp:
-            tmp.write(line + "\n")
-        os.replace(tmp.name, info_file)
-        print(line, flush=True)
-        while True:
-            signal.pause()
-    except KeyboardInterrupt:
-        return 0
-    except RuntimeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        server.stop()
-
+    return serve_until_signal(SshdServer(base, tuple(args.folder or ("rki",))), base, "sshd.json")
 
 if __name__ == "__main__":
     sys.exit(main())
