@@ -4,7 +4,7 @@ do and what the server's folder holds against the ledger.
 Read-only everywhere. Without ``--remote`` it reads only the ledger, which a sync always replaces in
 one step, so it works while a sync holds the lock. With ``--remote`` it asks the broker for the
 listing and each request's status (as a dry run does) and lists FOLDERNAME over SFTP, logging in
-with a throwaway copy of known_hosts (``preflight.sftp_without_recording``).
+with a throwaway copy of known_hosts (``readonly_login.py``).
 
 JSON, version 1::
 
@@ -124,8 +124,8 @@ def build_status(config: Config, remote: bool = False) -> StatusView:
 
 
 def _remote_view(config: Config, entries: Mapping[str, LedgerEntry]) -> RemoteView:
-    # preflight imports paramiko: only a status that connects pays for it
-    from broker_sftp_uploader.preflight import sftp_without_recording
+    # paramiko is imported only by a status that connects
+    from broker_sftp_uploader.readonly_login import sftp_without_recording
     from broker_sftp_uploader.steps import broker_client
 
     deadline = time.monotonic() + config.run_timeout
