@@ -19,18 +19,10 @@ import click
 
 from broker_sftp_uploader import __version__, interrupts
 from broker_sftp_uploader.config import load_config
-from broker_sftp_uploader.crypto import (
-    decrypt_file,
-    decrypt_to_stream,
-    generate_key_file,
-    load_keys,
-    make_output_dir,
-    output_path_for,
-)
-from broker_sftp_uploader.crypto import fingerprint as key_fingerprint
-from broker_sftp_uploader.errors import EXIT_DELETES_REFUSED, EXIT_KEY, UploaderError
-from broker_sftp_uploader.job import SyncOptions, execute_sync
-from broker_sftp_uploader.progress import Progress
+from broker_sftp_uploader.commands import keys
+from broker_sftp_uploader.errors import EXIT_DELETES_REFUSED, UploaderError
+from broker_sftp_uploader.commands.sync import SyncOptions, execute_sync
+from broker_sftp_uploader.engine.progress import Progress
 
 EXIT_INTERRUPTED = 130
 
@@ -268,7 +260,7 @@ def check(config_path: Path, as_json: bool) -> None:
     """
     _setup_logging(0)
     interrupts.install()
-    from broker_sftp_uploader.preflight import run_checks  # paramiko: only for the commands that connect
+    from broker_sftp_uploader.commands.check import run_checks  # paramiko: only for the commands that connect
 
     result = run_checks(config_path)
     if as_json:
@@ -311,7 +303,7 @@ def status(config_path: Path, as_json: bool, remote: bool, verbose: int) -> None
     """
     _setup_logging(verbose)
     interrupts.install()
-    from broker_sftp_uploader.status_view import build_status
+    from broker_sftp_uploader.commands.status import build_status
 
     view = build_status(load_config(config_path), remote=remote)
     if as_json:
@@ -336,7 +328,7 @@ def keygen(path: Path) -> None:
       broker-sftp-uploader keygen /etc/aktin/rki.key
       sudo -u aktin broker-sftp-uploader keygen /etc/aktin/rki.key
     """
-    fingerprint = generate_key_file(path)
+    fingerprint = keys.keygen(path)
     click.echo(f"wrote a new key to {path}; fingerprint {fingerprint} (compare it with the receiver's)")
 
 
@@ -354,8 +346,8 @@ def fingerprint_command(key_file: Path) -> None:
       broker-sftp-uploader fingerprint rki.key
     """
     _setup_logging(0)
-    for key in load_keys(key_file):
-        click.echo(key_fingerprint(key))
+    for fingerprint in keys.fingerprints(key_file):
+        click.echo(fingerprint)
 
 
 @cli.command(epilog=DECRYPT_EXIT_CODES_HELP, short_help="Decrypt files made by sync (the receiver's side).")
@@ -393,25 +385,9 @@ def decrypt(key_files: tuple[Path, ...], output: Path | None, output_dir: Path |
         raise click.UsageError("use either --output or --output-dir, not both")
     if output is not None and len(files) > 1:
         raise click.UsageError("--output takes a single FILE; use --output-dir for several")
-    keys = [key for key_file in key_files for key in load_keys(key_file)]
-    if output is not None and str(output) == "-":
-        decrypt_to_stream(keys, files[0], sys.stdout.buffer)
-        return
-    if output_dir is not None:
-        make_output_dir(output_dir)
-    codes = []
-    for source in files:
-        target = output if output is not None else output_path_for(source, output_dir)
-        try:
-            decrypt_file(keys, source, target, overwrite=force)
-        except UploaderError as error:
-            codes.append(error.exit_code)
-            click.echo(f"Error: {error}", err=True)
-            continue
-        logging.getLogger(__name__).info("decrypted %s to %s", source, target)
-    if codes:
-        # A file that does not decrypt matters more than an output that is in the way.
-        sys.exit(EXIT_KEY if EXIT_KEY in codes else codes[0])
+    code = keys.decrypt(key_files, files, output=output, output_dir=output_dir, force=force,
+                        stdout=sys.stdout.buffer, report=lambda error: click.echo(f"Error: {error}", err=True))
+    sys.exit(code)
 
 
 def main() -> None:

@@ -36,9 +36,9 @@ from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives import hashes, hmac, padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from .atomic import atomic_write, fsync_directory, private_temp_file
-from .config import is_systemd_credential
-from .errors import DecryptError, KeyFileError, OutputFileError
+from broker_sftp_uploader.state.atomic import atomic_write, fsync_directory, private_temp_file
+from broker_sftp_uploader.config import is_systemd_credential
+from broker_sftp_uploader.errors import DecryptError, KeyFileError, OutputFileError
 
 __all__ = [
     "CHUNK_SIZE", "EncryptingReader", "StreamEncryptor", "decrypt_file", "decrypt_stream",

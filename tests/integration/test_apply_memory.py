@@ -13,11 +13,11 @@ import zipfile
 import pytest
 from cryptography.fernet import Fernet
 
-from broker_sftp_uploader.apply import SyncRunner
-from broker_sftp_uploader.broker import BrokerClient
+from broker_sftp_uploader.engine.apply import SyncRunner
+from broker_sftp_uploader.broker.client import BrokerClient
 from broker_sftp_uploader.errors import LedgerError, SftpError
-from broker_sftp_uploader.ledger import Ledger
-from broker_sftp_uploader.sync import DeletionGuard, plan_sync
+from broker_sftp_uploader.state.ledger import Ledger
+from broker_sftp_uploader.engine.plan import DeletionGuard, plan_sync
 from test_resources import broker_actors as actors
 from tests.conftest import ADMIN_KEY, CLIENT_1
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from broker_sftp_uploader.lock import LOCK_FILE_NAME, RunLock
+from broker_sftp_uploader.state.lock import LOCK_FILE_NAME, RunLock
 from test_resources import broker_actors as actors
 from tests.conftest import ADMIN_KEY, CLIENT_1
 

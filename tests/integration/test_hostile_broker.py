@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from broker_sftp_uploader.broker import MAX_XML_BYTES, BrokerClient
+from broker_sftp_uploader.broker.client import MAX_XML_BYTES, BrokerClient
 from broker_sftp_uploader.errors import BrokerError
 from test_resources import broker_actors as actors
 from tests.conftest import ADMIN_KEY, CLIENT_1

@@ -24,7 +24,7 @@ from lxml import etree
 
 from broker_sftp_uploader.config import SftpSettings
 from broker_sftp_uploader.errors import SftpError
-from broker_sftp_uploader.sftp import SftpConnection
+from broker_sftp_uploader.sftp.connection import SftpConnection
 from test_resources import broker_actors as actors
 from test_resources.proftpd import NO_RENAME_FOLDER, ProftpdServer, ProftpdUnavailable
 from tests.conftest import CLIENT_1, CLIENT_2, Workspace, make_workspace

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from broker_sftp_uploader.config import SftpSettings
-from broker_sftp_uploader.journal import PartialsJournal
-from broker_sftp_uploader.sftp import SftpConnection
+from broker_sftp_uploader.state.journal import PartialsJournal
+from broker_sftp_uploader.sftp.connection import SftpConnection
 
 
 @pytest.fixture

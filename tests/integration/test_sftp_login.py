@@ -14,7 +14,7 @@ import pytest
 
 from broker_sftp_uploader.config import SftpSettings
 from broker_sftp_uploader.errors import KeyFileError, SftpError
-from broker_sftp_uploader.sftp import SftpConnection
+from broker_sftp_uploader.sftp.connection import SftpConnection
 from test_resources.sshd import KEY_FORMATS, KEY_TYPES
 from tests.conftest import CHANGED_LEDGER as LEDGER
 from tests.conftest import assert_failed_cleanly

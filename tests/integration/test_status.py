@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from broker_sftp_uploader.ledger import Ledger
+from broker_sftp_uploader.state.ledger import Ledger
 from test_resources import broker_actors as actors
 from tests.conftest import CLIENT_1
 from tests.integration.test_check import Unchanged, private_temp_dir  # noqa: F401 - autouse fixture
@@ -57,7 +57,7 @@ EXPECTED_REQUESTS = [
 ]
 CHILD_HOLDING_LOCK = """
 import sys
-from broker_sftp_uploader.lock import RunLock
+from broker_sftp_uploader.state.lock import RunLock
 with RunLock(sys.argv[1]):
     print("locked", flush=True)
     sys.stdin.read()

@@ -14,7 +14,7 @@ import pytest
 from cryptography.fernet import Fernet, InvalidToken
 from lxml import etree
 
-from broker_sftp_uploader.lock import RunLock
+from broker_sftp_uploader.state.lock import RunLock
 from test_resources import broker_actors as actors
 from tests.conftest import CLIENT_1, CLIENT_2
 

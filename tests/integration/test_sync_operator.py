@@ -88,7 +88,7 @@ def test_log_file_gets_info_while_stderr_stays_quiet(broker, workspace, sshd, tm
     workspace.pin_host_key(sshd)
     result = workspace.sync("--log-file", str(log))
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
-    assert "INFO broker_sftp_uploader.job: 1 uploaded" in log.read_text()
+    assert "INFO broker_sftp_uploader.commands.sync: 1 uploaded" in log.read_text()
     workspace.rewrite_config('WORKING_DIR = "work"', f'WORKING_DIR = "work"\nLOG_FILE = "{log}"')
     assert workspace.sync().returncode == 0
     assert log.read_text().count("broker lists 1 request(s)") == 2  # appended, not replaced
@@ -145,8 +145,8 @@ def test_repair_restores_missing_and_damaged_files(broker, workspace):
     document = last_run(workspace)
     assert sorted(action["request_id"] for action in document["actions"] if action["reason"] == "repair") == [
         str(first), str(second)]
-    from broker_sftp_uploader.ledger import Ledger
-    from broker_sftp_uploader.remote_check import compare_remote
+    from broker_sftp_uploader.state.ledger import Ledger
+    from broker_sftp_uploader.engine.audit import compare_remote
     sizes = {path.name: path.stat().st_size for path in workspace.remote.iterdir()}
     assert compare_remote(Ledger.load(workspace.ledger).entries(), sizes).clean
 

@@ -2,14 +2,14 @@
 
 import pytest
 
-from broker_sftp_uploader import broker_documents
-from broker_sftp_uploader.broker_documents import (
+from broker_sftp_uploader.broker import documents as broker_documents
+from broker_sftp_uploader.broker.documents import (
     format_completion,
     parse_completion,
     parse_request_ids,
 )
 from broker_sftp_uploader.errors import BrokerError
-from broker_sftp_uploader.ledger import default_file_name
+from broker_sftp_uploader.state.ledger import default_file_name
 
 DECL = b'<?xml version="1.0" encoding="UTF-8" standalone="yes"?>'
 NS = b'xmlns="http://aktin.org/ns/exchange"'

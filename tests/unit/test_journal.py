@@ -1,6 +1,6 @@
 """Unit tests for the journal of remote temp names in flight (real files)."""
 
-from broker_sftp_uploader.journal import PartialsJournal
+from broker_sftp_uploader.state.journal import PartialsJournal
 
 
 def test_leftovers_are_only_what_earlier_runs_left(tmp_path):

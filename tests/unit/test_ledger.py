@@ -8,8 +8,8 @@ from datetime import datetime, timezone
 import pytest
 
 from broker_sftp_uploader.errors import LedgerError, LockedError
-from broker_sftp_uploader.ledger import Ledger
-from broker_sftp_uploader.lock import RunLock
+from broker_sftp_uploader.state.ledger import Ledger
+from broker_sftp_uploader.state.lock import RunLock
 
 WHEN = datetime(2021, 10, 11, 9, 39, 50, tzinfo=timezone.utc)
 LATER = datetime(2021, 10, 12, 8, 0, 0, tzinfo=timezone.utc)
@@ -225,7 +225,7 @@ def test_save_failure_when_target_is_a_folder(tmp_path):
 CHILD_TAKING_LOCK = """
 import sys
 from broker_sftp_uploader.errors import LockedError
-from broker_sftp_uploader.lock import RunLock
+from broker_sftp_uploader.state.lock import RunLock
 try:
     RunLock(sys.argv[1]).acquire()
 except LockedError as error:

@@ -1,10 +1,10 @@
 """Unit tests for plan_sync, the pure heart of the sync rules."""
 
 from broker_sftp_uploader.errors import BrokerError, SftpError
-from broker_sftp_uploader.job import exit_code_for
-from broker_sftp_uploader.ledger import LedgerEntry
-from broker_sftp_uploader.report import Report
-from broker_sftp_uploader.sync import Delete, DeletionGuard, Upload, plan_sync
+from broker_sftp_uploader.commands.sync import exit_code_for
+from broker_sftp_uploader.state.ledger import LedgerEntry
+from broker_sftp_uploader.engine.report import Report
+from broker_sftp_uploader.engine.plan import Delete, DeletionGuard, Upload, plan_sync
 
 ANY = DeletionGuard(allow=True)
 

@@ -6,8 +6,8 @@ import pytest
 from cryptography.fernet import Fernet
 
 from broker_sftp_uploader.crypto import encrypted_size
-from broker_sftp_uploader.ledger import LedgerEntry
-from broker_sftp_uploader.remote_check import compare_remote, is_possible_token_size
+from broker_sftp_uploader.state.ledger import LedgerEntry
+from broker_sftp_uploader.engine.audit import compare_remote, is_possible_token_size
 
 
 def entry(request_id, deleted=None, name=None, size=None):

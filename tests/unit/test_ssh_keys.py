@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
 
 from broker_sftp_uploader.errors import KeyFileError, SftpError
-from broker_sftp_uploader.ssh_keys import KnownHosts, fingerprint, load_known_hosts, load_private_key
+from broker_sftp_uploader.sftp.ssh_keys import KnownHosts, fingerprint, load_known_hosts, load_private_key
 
 PASSPHRASE = "correct horse battery"
 NEW_KEYS = {

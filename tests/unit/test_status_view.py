@@ -12,10 +12,10 @@ from click.testing import CliRunner
 
 from broker_sftp_uploader.cli import cli
 from broker_sftp_uploader.crypto import generate_key_file
-from broker_sftp_uploader.ledger import LedgerEntry
-from broker_sftp_uploader.remote_check import RemoteComparison, WrongSize
-from broker_sftp_uploader.status_view import RemoteView, StatusView, newest_first
-from broker_sftp_uploader.sync import Delete, DeletionGuard, Plan, Upload
+from broker_sftp_uploader.state.ledger import LedgerEntry
+from broker_sftp_uploader.engine.audit import RemoteComparison, WrongSize
+from broker_sftp_uploader.commands.status import RemoteView, StatusView, newest_first
+from broker_sftp_uploader.engine.plan import Delete, DeletionGuard, Plan, Upload
 
 
 def entry(request_id: str, uploaded: str | None = None, last_update: str | None = None,

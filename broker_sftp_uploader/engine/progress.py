@@ -15,7 +15,7 @@ import threading
 import time
 from typing import TextIO
 
-from broker_sftp_uploader.report import format_bytes
+from broker_sftp_uploader.engine.report import format_bytes
 
 REDRAW_EVERY = 0.25
 

@@ -4,7 +4,7 @@ do and what the server's folder holds against the ledger.
 Read-only everywhere. Without ``--remote`` it reads only the ledger, which a sync always replaces in
 one step, so it works while a sync holds the lock. With ``--remote`` it asks the broker for the
 listing and each request's status (as a dry run does) and lists FOLDERNAME over SFTP, logging in
-with a throwaway copy of known_hosts (``readonly_login.py``).
+with a throwaway copy of known_hosts (``sftp/readonly_login.py``).
 
 JSON, version 1::
 
@@ -35,9 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker_sftp_uploader.config import Config
-from broker_sftp_uploader.ledger import Ledger, LedgerEntry
-from broker_sftp_uploader.remote_check import RemoteComparison, compare_remote
-from broker_sftp_uploader.sync import Delete, DeletionGuard, Plan, Upload, list_requests, plan_sync
+from broker_sftp_uploader.state.ledger import Ledger, LedgerEntry
+from broker_sftp_uploader.engine.audit import RemoteComparison, compare_remote
+from broker_sftp_uploader.engine.plan import Delete, DeletionGuard, Plan, Upload, list_requests, plan_sync
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +125,8 @@ def build_status(config: Config, remote: bool = False) -> StatusView:
 
 def _remote_view(config: Config, entries: Mapping[str, LedgerEntry]) -> RemoteView:
     # paramiko is imported only by a status that connects
-    from broker_sftp_uploader.readonly_login import sftp_without_recording
-    from broker_sftp_uploader.steps import broker_client
+    from broker_sftp_uploader.sftp.readonly_login import sftp_without_recording
+    from broker_sftp_uploader.broker.client import broker_client
 
     deadline = time.monotonic() + config.run_timeout
     tag = config.broker.tag

@@ -22,10 +22,10 @@ from paramiko.pkey import UnknownKeyType
 
 from broker_sftp_uploader.config import Config, SftpSettings
 from broker_sftp_uploader.errors import UploaderError
-from broker_sftp_uploader.sftp import SftpConnection
-from broker_sftp_uploader.sftp_session import SftpSession
-from broker_sftp_uploader.ssh_keys import fingerprint
-from broker_sftp_uploader.steps import sftp_connection
+from broker_sftp_uploader.sftp.connection import SftpConnection
+from broker_sftp_uploader.sftp.session import SftpSession
+from broker_sftp_uploader.sftp.ssh_keys import fingerprint
+from broker_sftp_uploader.sftp.transport import sftp_connection
 
 # What connecting logs when it records a new host key; here it records into a temporary copy that is
 # thrown away, so that line would say the opposite of what happened.
@@ -70,7 +70,7 @@ def sftp_without_recording(config: Config, deadline: float) -> Iterator[SftpVisi
         settings = dataclasses.replace(real, known_hosts=copy, folder=".", retries=0)
         connection = sftp_connection(dataclasses.replace(config, sftp=settings), None, deadline)
         error = None
-        for name in ("broker_sftp_uploader.sftp", "broker_sftp_uploader.openssh"):
+        for name in ("broker_sftp_uploader.sftp.connection", "broker_sftp_uploader.sftp.openssh"):
             logging.getLogger(name).addFilter(quiet)
         try:
             connection.connect(deadline)
@@ -80,7 +80,7 @@ def sftp_without_recording(config: Config, deadline: float) -> Iterator[SftpVisi
             failure.args = (failure.message,)
             error = failure
         finally:
-            for name in ("broker_sftp_uploader.sftp", "broker_sftp_uploader.openssh"):
+            for name in ("broker_sftp_uploader.sftp.connection", "broker_sftp_uploader.sftp.openssh"):
                 logging.getLogger(name).removeFilter(quiet)
         added = _added_keys(before, _read_or_none(copy))
         visit = SftpVisit(real, None if error else connection, error, added)

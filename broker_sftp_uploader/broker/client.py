@@ -25,14 +25,15 @@ from pathlib import Path
 from typing import TypeVar
 
 from broker_sftp_uploader import __version__
-from broker_sftp_uploader.broker_documents import (
+from broker_sftp_uploader.broker.documents import (
     RequestListParser,
     StatusParser,
     feed_xml,
 )
-from broker_sftp_uploader.deadlines import Deadline, start_deadline
+from broker_sftp_uploader.broker.deadlines import Deadline, start_deadline
+from broker_sftp_uploader.config import Config
 from broker_sftp_uploader.errors import BrokerError
-from broker_sftp_uploader.http_client import ConnectionPool, Response, TooLargeError, TransportError
+from broker_sftp_uploader.broker.http_client import ConnectionPool, Response, TooLargeError, TransportError
 
 logger = logging.getLogger(__name__)
 
@@ -401,3 +402,11 @@ def run_parallel(function: Callable[[str], T], items: list[str], workers: int) -
     if errors:
         raise errors[min(errors)]
     return results  # type: ignore[return-value]
+
+
+def broker_client(config: Config, deadline: float) -> BrokerClient:
+    """The broker client for ``config``, no call running past ``deadline`` (a ``time.monotonic()`` value)."""
+    settings = config.broker
+    return BrokerClient(settings.url, settings.api_key, ca_bundle=settings.ca_bundle,
+                        call_timeout=settings.call_timeout, export_timeout=settings.export_timeout,
+                        retries=settings.retries, run_deadline=deadline, concurrency=settings.concurrency)

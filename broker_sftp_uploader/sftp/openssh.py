@@ -4,7 +4,7 @@ paramiko does the SSH cipher and framing in Python, on the same core as the Fern
 caps a large upload at about half of what OpenSSH's own ``sftp`` reaches. Here every SFTP session is
 an ``ssh -s … sftp`` process: the SSH work moves into C on the other core, and paramiko's
 ``SFTPClient`` only frames SFTP requests into its pipes. The uploads themselves (temp name, journal,
-rename) are the same code as for the default transport (``sftp_session.py``).
+rename) are the same code as for the default transport (``session.py``).
 
 The same config keys apply: the known_hosts file with the same accept-new / strict behaviour (the
 file is checked by our reader first, so a broken line gives the same error), ``PRIVATE_KEY``
@@ -34,9 +34,9 @@ import paramiko
 
 from broker_sftp_uploader.errors import SftpError
 from broker_sftp_uploader.interrupts import deferred
-from broker_sftp_uploader.sftp import SftpConnection, _ConnectFailure
-from broker_sftp_uploader.sftp_session import SftpSession
-from broker_sftp_uploader.ssh_keys import load_known_hosts
+from broker_sftp_uploader.sftp.connection import SftpConnection, _ConnectFailure
+from broker_sftp_uploader.sftp.session import SftpSession
+from broker_sftp_uploader.sftp.ssh_keys import load_known_hosts
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker_sftp_uploader.deadlines import Deadline
+from broker_sftp_uploader.broker.deadlines import Deadline
 
 READ_SIZE = 64 * 1024
 

@@ -1,10 +1,10 @@
 """One SFTP channel's work: atomic uploads, deletes, and the removal of a killed run's partial files.
 
 A session works on any paramiko ``SFTPClient``: a channel of the in-process SSH connection, or one
-spoken over an ``ssh`` child process (see ``sftp.py``). Several sessions of one connection may work
+spoken over an ``ssh`` child process (see ``openssh.py``). Several sessions of one connection may work
 at once, each from its own thread.
 
-Uploads go to a hidden ``.<name>.part-<random>`` file, journaled before it exists (``journal.py``),
+Uploads go to a hidden ``.<name>.part-<random>`` file, journaled before it exists (``state/journal.py``),
 then renamed into place, so a receiver never sees a partial file under its final name. The writes are
 pipelined: up to ``MAX_IN_FLIGHT`` requests of ``WRITE_SIZE`` bytes are on their way before the
 oldest acknowledgement is awaited, so client and server work at the same time instead of taking turns
@@ -29,7 +29,7 @@ from paramiko.sftp import CMD_STATUS, CMD_WRITE, int64
 
 from broker_sftp_uploader.errors import SftpError
 from broker_sftp_uploader.interrupts import deferred
-from broker_sftp_uploader.journal import PartialsJournal
+from broker_sftp_uploader.state.journal import PartialsJournal
 
 logger = logging.getLogger(__name__)
 

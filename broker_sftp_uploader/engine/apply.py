@@ -25,15 +25,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from broker_sftp_uploader.atomic import atomic_write
-from broker_sftp_uploader.broker import BrokerClient
+from broker_sftp_uploader.state.atomic import atomic_write
+from broker_sftp_uploader.broker.client import BrokerClient
 from broker_sftp_uploader.crypto import EncryptingReader, encrypted_size
 from broker_sftp_uploader.errors import BrokerError, LedgerError, UploaderError
-from broker_sftp_uploader.ledger import Ledger
-from broker_sftp_uploader.prefetch import Prefetcher
-from broker_sftp_uploader.progress import Progress
-from broker_sftp_uploader.report import ActionResult, Report
-from broker_sftp_uploader.sync import (
+from broker_sftp_uploader.state.ledger import Ledger
+from broker_sftp_uploader.engine.prefetch import Prefetcher
+from broker_sftp_uploader.engine.progress import Progress
+from broker_sftp_uploader.engine.report import ActionResult, Report
+from broker_sftp_uploader.engine.plan import (
     LEDGER_REMOTE_NAME,
     Delete,
     Plan,
@@ -43,8 +43,8 @@ from broker_sftp_uploader.sync import (
 )
 
 if TYPE_CHECKING:  # sftp (paramiko) is imported only by a run that connects
-    from broker_sftp_uploader.sftp import SftpConnection
-    from broker_sftp_uploader.sftp_session import SftpSession
+    from broker_sftp_uploader.sftp.connection import SftpConnection
+    from broker_sftp_uploader.sftp.session import SftpSession
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ class SyncRunner:
         The workers start at once; the main thread meanwhile waits for the connection and does the
         deletions. A worker opens its SFTP session when its first download has begun.
         """
-        from broker_sftp_uploader.sftp_session import TransferStopped
+        from broker_sftp_uploader.sftp.session import TransferStopped
 
         uploads = plan.uploads
         stop = threading.Event()

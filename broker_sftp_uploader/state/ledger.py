@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lxml import etree
 
-from broker_sftp_uploader.atomic import atomic_write
+from broker_sftp_uploader.state.atomic import atomic_write
 from broker_sftp_uploader.config import LEDGER_FILE_NAME
 from broker_sftp_uploader.errors import LedgerError
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from broker_sftp_uploader.broker import BrokerClient
-from broker_sftp_uploader.ledger import LEDGER_FILE, LedgerEntry, default_file_name
+from broker_sftp_uploader.broker.client import BrokerClient
+from broker_sftp_uploader.state.ledger import LEDGER_FILE, LedgerEntry, default_file_name
 
 logger = logging.getLogger(__name__)
 

@@ -18,17 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from broker_sftp_uploader.atomic import leftover_temp_files
+from broker_sftp_uploader.state.atomic import leftover_temp_files
 from broker_sftp_uploader.config import Config
 from broker_sftp_uploader.crypto import load_keys
 from broker_sftp_uploader.errors import EXIT_LOCKED, EXIT_USAGE, UploaderError
-from broker_sftp_uploader.journal import JOURNAL_SUFFIX, PartialsJournal
-from broker_sftp_uploader.ledger import Ledger, LedgerEntry
-from broker_sftp_uploader.lock import RunLock
-from broker_sftp_uploader.progress import Progress
-from broker_sftp_uploader.report import Report, report_document, write_last_run, write_metrics
-from broker_sftp_uploader.steps import broker_client, sftp_connection
-from broker_sftp_uploader.sync import (
+from broker_sftp_uploader.state.journal import JOURNAL_SUFFIX, PartialsJournal
+from broker_sftp_uploader.state.ledger import Ledger, LedgerEntry
+from broker_sftp_uploader.state.lock import RunLock
+from broker_sftp_uploader.engine.progress import Progress
+from broker_sftp_uploader.engine.report import Report, report_document, write_last_run, write_metrics
+from broker_sftp_uploader.broker.client import broker_client
+from broker_sftp_uploader.sftp.transport import sftp_connection
+from broker_sftp_uploader.engine.plan import (
     DeletionGuard,
     Plan,
     add_uploads,
@@ -40,7 +41,7 @@ from broker_sftp_uploader.sync import (
 )
 
 if TYPE_CHECKING:
-    from broker_sftp_uploader.sftp import SftpConnection
+    from broker_sftp_uploader.sftp.connection import SftpConnection
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ def run_sync(config: Config, options: SyncOptions = SyncOptions(), *, show: Call
                 if not plan.actions and not leftovers and not ledger_upload:
                     logger.info("nothing to do: %d request(s) unchanged", plan.unchanged)
                     return Report(unchanged=plan.unchanged, refusal=plan.refusal())
-                from broker_sftp_uploader.apply import SyncRunner
+                from broker_sftp_uploader.engine.apply import SyncRunner
 
                 sftp = sftp or sftp_connection(config, journal, deadline)
                 opening = opening or _Opening(sftp)
@@ -187,7 +188,7 @@ def _plan(config: Config, options: SyncOptions, listing: dict[str, str], entries
         logger.warning("the broker lists no request tagged %r while the ledger has %d live file(s); "
                        "check REQUESTS.TAG", config.broker.tag, plan.live)
     if options.repair and remote_files is not None:
-        from broker_sftp_uploader.remote_check import compare_remote
+        from broker_sftp_uploader.engine.audit import compare_remote
 
         comparison = compare_remote(entries, remote_files())
         for request_id, name in comparison.missing:

@@ -4,7 +4,7 @@ Host keys follow OpenSSH's ``accept-new``: the first contact records the server'
 known_hosts file, and from then on any other key is refused. Login is by password, private key or
 both (see ``ssh_keys``). Connection-level failures are retried with backoff. Uploads go to a hidden
 temp name and are renamed into place, so a receiver never sees a partial file under its final name
-(``sftp_session.py``); parallel uploads each get a session (an SFTP channel) of the one connection.
+(``session.py``); parallel uploads each get a session (an SFTP channel) of the one connection.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from paramiko.ssh_exception import NoValidConnectionsError
 from broker_sftp_uploader.config import SftpSettings
 from broker_sftp_uploader.errors import SftpError
 from broker_sftp_uploader.interrupts import deferred
-from broker_sftp_uploader.journal import PartialsJournal
-from broker_sftp_uploader.sftp_session import FAILURES as _FAILURES
-from broker_sftp_uploader.sftp_session import ServerTraits, SftpSession
-from broker_sftp_uploader.sftp_session import reason as _reason
-from broker_sftp_uploader.ssh_keys import KnownHosts, Login, fingerprint, load_known_hosts, load_private_key
+from broker_sftp_uploader.state.journal import PartialsJournal
+from broker_sftp_uploader.sftp.session import FAILURES as _FAILURES
+from broker_sftp_uploader.sftp.session import ServerTraits, SftpSession
+from broker_sftp_uploader.sftp.session import reason as _reason
+from broker_sftp_uploader.sftp.ssh_keys import KnownHosts, Login, fingerprint, load_known_hosts, load_private_key
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from broker_sftp_uploader.atomic import atomic_write
+from broker_sftp_uploader.state.atomic import atomic_write
 from broker_sftp_uploader.errors import EXIT_DELETES_REFUSED, EXIT_OK, EXIT_PARTIAL, UploaderError
 
 REPORT_VERSION = 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from broker_sftp_uploader.ledger import LEDGER_FILE, LedgerEntry
+from broker_sftp_uploader.state.ledger import LEDGER_FILE, LedgerEntry
 
 _FERNET_OVERHEAD = 1 + 8 + 16 + 32  # version, timestamp, IV, HMAC around the ciphertext
 _BLOCK = 16

@@ -10,7 +10,7 @@ Nothing is written: not the ledger, not the lock file (a held lock is only teste
 journal, not known_hosts (the SFTP login uses a temporary copy of it, so a new host key is shown
 and not recorded). On the server, a hidden probe file is written, renamed and removed.
 
-The login that records no host key is ``readonly_login.py``, shared with ``status --remote``.
+The login that records no host key is ``sftp/readonly_login.py``, shared with ``status --remote``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import paramiko
 
-from broker_sftp_uploader.broker import BrokerClient
+from broker_sftp_uploader.broker.client import BrokerClient
 from broker_sftp_uploader.config import Config, SftpSettings, load_config
 from broker_sftp_uploader.crypto import fingerprint as key_fingerprint
 from broker_sftp_uploader.crypto import load_keys
@@ -43,12 +43,12 @@ from broker_sftp_uploader.errors import (
     UploaderError,
 )
 from broker_sftp_uploader.interrupts import deferred
-from broker_sftp_uploader.ledger import Ledger
-from broker_sftp_uploader.lock import lock_holder
-from broker_sftp_uploader.readonly_login import sftp_without_recording
-from broker_sftp_uploader.sftp_session import FAILURES, SftpSession, reason
-from broker_sftp_uploader.ssh_keys import fingerprint, load_known_hosts, load_private_key
-from broker_sftp_uploader.steps import broker_client
+from broker_sftp_uploader.state.ledger import Ledger
+from broker_sftp_uploader.state.lock import lock_holder
+from broker_sftp_uploader.sftp.readonly_login import sftp_without_recording
+from broker_sftp_uploader.sftp.session import FAILURES, SftpSession, reason
+from broker_sftp_uploader.sftp.ssh_keys import fingerprint, load_known_hosts, load_private_key
+from broker_sftp_uploader.broker.client import broker_client
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from paramiko.pkey import UnknownKeyType
 
-from broker_sftp_uploader.atomic import atomic_write
+from broker_sftp_uploader.state.atomic import atomic_write
 from broker_sftp_uploader.config import SECRET_VARIABLES, warn_if_exposed
 from broker_sftp_uploader.errors import KeyFileError, SftpError
 
