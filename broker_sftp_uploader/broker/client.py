@@ -1,10 +1,11 @@
-"""HTTP client for the AKTIN broker API (the wire contract: docs/broker-api.md).
+"""The AKTIN broker's API, as this tool calls it (the wire contract: docs/broker-api.md).
 
-Everything the broker sends is treated as untrusted:
+The HTTP is ``requests``' (``session.py`` adds what it lacks). Everything the broker sends is treated
+as untrusted:
 
 * time: every call has a hard deadline (``deadlines.py`` cuts the connection when it passes), so a
-  broker that never answers, or trickles, cannot hold a run; idempotent calls are retried with
-  exponential backoff and jitter, but only while their deadline allows;
+  broker that never answers, or trickles, cannot hold a run; idempotent calls are retried by urllib3
+  with exponential backoff and jitter (and ``Retry-After``), but only while their deadline allows;
 * memory: XML answers are parsed incrementally as they arrive and capped at ``MAX_XML_BYTES`` of
   *decoded* bytes; a compressed body is inflated in bounded steps, so a gzip bomb cannot balloon;
 * content: XML is parsed with entities, DTDs and network off; request ids must be plain integers; the
@@ -15,39 +16,49 @@ Everything the broker sends is treated as untrusted:
 from __future__ import annotations
 
 import logging
-import random
 import re
+import ssl
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TypeVar
 
+import requests
+
 from broker_sftp_uploader import __version__
-from broker_sftp_uploader.broker.documents import (
-    RequestListParser,
-    StatusParser,
-    feed_xml,
-)
 from broker_sftp_uploader.broker.deadlines import Deadline, start_deadline
+from broker_sftp_uploader.broker.documents import RequestListParser, StatusParser, feed_xml
+from broker_sftp_uploader.broker.session import (
+    BodyError,
+    BodyReader,
+    BrokerSession,
+    Call,
+    TooLargeError,
+    causes,
+    read_all,
+    set_current_call,
+    short_reason,
+    tunnel_refusal,
+    watch_body,
+)
 from broker_sftp_uploader.config import Config
 from broker_sftp_uploader.errors import BrokerError
-from broker_sftp_uploader.broker.http_client import ConnectionPool, Response, TooLargeError, TransportError
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 QUERY_MEDIA_TYPE = "application/vnd.aktin.query.request+xml"
 USER_AGENT = f"broker-sftp-uploader/{__version__}"
-CONCURRENCY = 32  # status calls at once: a small share of Jetty's 200 request threads
 # A listing of 10,000 requests is about 1 MiB; a status list of 1,000 nodes about 0.2 MiB.
 MAX_XML_BYTES = 8 * 1024 * 1024
 CONNECT_TIMEOUT = 10.0
-CALL_TIMEOUT = 60.0  # listing and status calls, retries included
-EXPORT_TIMEOUT = 1800.0  # the broker builds the bundle before it answers the export call
-RETRIES = 3
-_RETRY_STATUSES = frozenset({502, 503, 504})
-
+# Kept-alive connections beyond the status calls: the downloads of the parallel uploads (at most 9)
+# and the main thread's calls.
+EXTRA_CONNECTIONS = 10
+_SUCCESS = frozenset(range(200, 300))
+_LIMIT_KEYS = "BROKER.CALL_TIMEOUT, BROKER.EXPORT_TIMEOUT, MISC.RUN_TIMEOUT"
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
@@ -61,14 +72,15 @@ class ResultStream:
     :ivar size: the announced size in bytes, or None if the broker did not send one.
     """
 
-    def __init__(self, request_id: str, response: Response, deadline: Deadline):
+    def __init__(self, request_id: str, response: requests.Response, lifetime: Deadline,
+                 finish: Callable[[Deadline], None]):
         self.request_id = request_id
-        self._response = response
-        self._deadline = deadline
-        encoded = response.header("Content-Encoding", "identity").strip().lower() not in ("", "identity")
-        length = response.header("Content-Length")
-        self.size = int(length) if length.isdigit() and not encoded else None
-        self._pieces = response.pieces()
+        self._lifetime = lifetime
+        self._finish = finish
+        self._body = BodyReader(response)
+        length = response.headers.get("Content-Length", "")
+        self.size = int(length) if length.isdigit() and not self._body.encoded else None
+        self._pieces = iter(self._body)
         self._buffer = bytearray()
         self._ended = False
 
@@ -88,8 +100,11 @@ class ResultStream:
     def _next_piece(self) -> bytes:
         try:
             piece = next(self._pieces, b"")
-        except TransportError as error:
-            if self._deadline.expired:
+        except BodyError as error:
+            if self._lifetime.stopped:
+                raise BrokerError(f"download of request {self.request_id} was stopped after {self.received} "
+                                  "bytes: the run is ending") from None
+            if self._lifetime.expired:
                 raise BrokerError(f"download of request {self.request_id} did not finish within the run's "
                                   f"time limit (MISC.RUN_TIMEOUT); got {self.received} bytes") from None
             raise BrokerError(f"download of request {self.request_id} broke off after {self.received} "
@@ -104,12 +119,12 @@ class ResultStream:
     @property
     def received(self) -> int:
         """Bytes of the bundle received so far."""
-        return self._response.received
+        return self._body.received
 
     def close(self) -> None:
-        """Release the connection."""
-        self._response.close()
-        self._deadline.finish()
+        """Release the connection (kept alive only after a complete download)."""
+        self._body.release()
+        self._finish(self._lifetime)
 
     def __enter__(self) -> ResultStream:
         return self
@@ -118,45 +133,48 @@ class ResultStream:
         self.close()
 
 
-def _backoff_delays(base: float, retries: int) -> Iterator[float]:
-    """Full-jitter exponential backoff: a random wait in [0, base * 2**n] before retry n."""
-    for attempt in range(retries):
-        yield random.uniform(0, base * 2 ** attempt)
-
-
 class BrokerClient:
-    """Keep-alive connections to the broker's admin API (one per thread, so calls may run in parallel).
+    """Keep-alive connections to the broker's admin API; calls may run in parallel on several threads.
+
+    The limits come from the caller (config.py holds their defaults).
 
     :param base_url: e.g. ``http://localhost:8080`` (no trailing slash).
     :param api_key: the admin API key; sent only in the Authorization header, never logged.
     :param call_timeout: seconds for a listing or status call, retries included.
     :param export_timeout: seconds for the export call (never retried: it is not idempotent).
     :param retries: how often a failed idempotent call is tried again (within its timeout).
-    :param run_deadline: a ``time.monotonic()`` value no call may run past (the run's overall limit).
     :param concurrency: how many status calls run at once.
+    :param ca_bundle: the config's ``REQUESTS_CA_BUNDLE`` (before the environment's), or None.
+    :param retry_backoff: seconds: the backoff factor and the jitter of the waits between attempts.
+    :param run_deadline: a ``time.monotonic()`` value no call may run past (the run's overall limit).
     :param sleep: how to wait between retries (injectable so tests run fast).
     """
 
-    def __init__(self, base_url: str, api_key: str, *, ca_bundle: Path | None = None,
-                 call_timeout: float = CALL_TIMEOUT, export_timeout: float = EXPORT_TIMEOUT,
-                 retries: int = RETRIES, retry_backoff: float = 0.5, run_deadline: float | None = None,
-                 concurrency: int = CONCURRENCY, sleep: Callable[[float], None] = time.sleep):
+    def __init__(self, base_url: str, api_key: str, *, call_timeout: float, export_timeout: float,
+                 retries: int, concurrency: int, ca_bundle: Path | None = None, retry_backoff: float = 0.5,
+                 run_deadline: float | None = None, sleep: Callable[[float], None] = time.sleep):
         self.base_url = base_url.rstrip("/")
         self.call_timeout = call_timeout
         self.export_timeout = export_timeout
         self.retries = retries
-        self.retry_backoff = retry_backoff
         self.run_deadline = run_deadline
         self.concurrency = concurrency
         self._sleep = sleep
-        self._pool = ConnectionPool(self.base_url, ca_bundle=ca_bundle, connect_timeout=CONNECT_TIMEOUT)
         # Compression buys nothing for these small answers, and a body that inflates is one more risk.
-        self._headers = {"Authorization": f"Bearer {api_key}", "Accept-Encoding": "identity",
-                         "User-Agent": USER_AGENT}
+        headers = {"Authorization": f"Bearer {api_key}", "Accept-Encoding": "identity", "User-Agent": USER_AGENT}
+        self._session = BrokerSession(self.base_url, ca_bundle=ca_bundle, headers=headers, retries=retries,
+                                      retry_backoff=retry_backoff, pool_size=concurrency + EXTRA_CONNECTIONS)
+        self._route = self._session.route
+        self._running: set[Deadline] = set()  # of calls and downloads in progress, for close()
+        self._running_lock = threading.Lock()
 
     def close(self) -> None:
-        """Close the keep-alive connections."""
-        self._pool.close()
+        """Close the keep-alive connections, cutting the calls and downloads other threads still run."""
+        with self._running_lock:
+            running = list(self._running)
+        for deadline in running:
+            deadline.stop()
+        self._session.close()
 
     def __enter__(self) -> BrokerClient:
         return self
@@ -164,95 +182,142 @@ class BrokerClient:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def _start(self, at: float) -> Deadline:
+        deadline = start_deadline(at)
+        with self._running_lock:
+            self._running.add(deadline)
+        return deadline
+
+    def _finish(self, deadline: Deadline) -> None:
+        deadline.finish()
+        with self._running_lock:
+            self._running.discard(deadline)
+
     def _deadline_in(self, seconds: float) -> float:
         at = time.monotonic() + seconds
         return at if self.run_deadline is None else min(at, self.run_deadline)
 
-    def _call(self, method: str, path: str, accept: str, consume: Callable[[Response, Deadline], T],
-              seconds: float, *, retries: int = 0, query: dict[str, str] | None = None) -> T:
-        """Make one API call under a hard deadline and hand the response to ``consume``.
+    def _call(self, method: str, path: str, accept: str, consume: Callable[[requests.Response, Deadline], T],
+              seconds: float, *, retry: bool, query: dict[str, str] | None = None,
+              statuses: Collection[int] = _SUCCESS) -> T:
+        """Make one API call under a hard deadline and hand the response to ``consume``, which owns it.
 
-        Connection failures, timeouts and 502/503/504 are retried ``retries`` times with backoff,
-        as long as the deadline leaves time for another attempt. ``consume`` owns the response.
+        With ``retry``, urllib3 retries connection failures, timeouts and 502/503/504 with backoff, as
+        long as the deadline leaves time for another attempt; without, the call gets a new connection.
 
+        :param statuses: the answers ``consume`` handles; any other is an error.
         :raises BrokerError: the call failed for good; the message names the call, never the key.
         """
-        target = path + ("?" + urllib.parse.urlencode(query, quote_via=urllib.parse.quote) if query else "")
+        target = path
+        if query:
+            target += "?" + urllib.parse.urlencode(query, quote_via=urllib.parse.quote)
         describe = f"{method} {path}"
         at = self._deadline_in(seconds)
         limit = max(1, round(at - time.monotonic()))
-        delays = _backoff_delays(self.retry_backoff, retries)
-        while True:
-            deadline = start_deadline(at)
+        deadline = self._start(at)
+        set_current_call(Call(deadline, retry, self._sleep))
+        try:
+            remaining = max(deadline.remaining(), 0.001)
             try:
-                return self._attempt(method, target, describe, accept, consume, deadline, fresh=not retries)
-            except _Retryable as failure:
-                if deadline.expired or deadline.remaining() <= 0.01:
-                    raise BrokerError(f"broker at {self.base_url} did not answer {describe} within "
-                                      f"{limit} s{failure.so_far}; check that the broker is healthy "
+                response = self._session.send(method, target, accept, (min(CONNECT_TIMEOUT, remaining), remaining),
+                                              fresh=not retry)
+            except (requests.RequestException, OSError) as error:
+                raise BrokerError(self._failure(error, describe, deadline, limit)) from None
+            if response.status_code not in statuses:
+                BodyReader(response).release()  # unread: the connection is closed
+                raise BrokerError(self._status_message(response.status_code, describe))
+            try:
+                return consume(response, deadline)
+            except BodyError as error:
+                if deadline.stopped:
+                    raise BrokerError(f"broker call {describe} was stopped: the run is ending") from None
+                if deadline.expired:
+                    raise BrokerError(f"broker at {self.base_url} did not answer {describe} within {limit} s "
+                                      f"(got {error.received} bytes); check that the broker is healthy "
                                       f"(limits: {_LIMIT_KEYS})") from None
-                problem = failure
-            finally:
-                deadline.finish()
-            delay = next(delays, None)
-            if delay is None or at - time.monotonic() <= delay:
-                raise BrokerError(problem.message) from None
-            logger.info("broker call %s failed (%s); retrying in %.1f s", describe, problem.message, delay)
-            self._sleep(delay)
+                if not error.retryable:
+                    raise BrokerError(f"broker's answer to {describe} is unreadable ({error.reason})") from None
+                raise BrokerError(f"the answer to {describe} broke off after {error.received} bytes "
+                                  f"({error.reason}); check that the broker is healthy") from None
+            except TooLargeError:
+                raise BrokerError(f"broker's answer to {describe} is larger than {MAX_XML_BYTES // 1048576} "
+                                  "MiB, far more than a real broker sends; refusing it (is BROKER.URL the "
+                                  "AKTIN broker?)") from None
+        finally:
+            set_current_call(None)
+            self._finish(deadline)
 
-    def _attempt(self, method: str, target: str, describe: str, accept: str,
-                 consume: Callable[[Response, Deadline], T], deadline: Deadline, fresh: bool) -> T:
-        try:
-            response = self._pool.request(method, target, {**self._headers, "Accept": accept}, deadline,
-                                          fresh=fresh)
-        except TransportError as error:
-            if not error.retryable:
-                raise BrokerError(f"{error.reason} talking to the broker at {self.base_url}; check BROKER.URL "
-                                  "and REQUESTS_CA_BUNDLE") from None
-            if error.reason == "timed out":
-                raise _Retryable(f"broker at {self.base_url} did not answer {describe} in time", "timed out")
-            raise _Retryable(f"cannot reach the broker at {self.base_url} ({error.reason}); "
-                             "check BROKER.URL and that the broker is running", error.reason) from None
-        status = response.status
-        if status in _RETRY_STATUSES or not 200 <= status < 300:
-            response.close()
-            if status in _RETRY_STATUSES:
-                raise _Retryable(f"broker answered {status} to {describe}", str(status))
-            raise BrokerError(_status_message(status, describe))
-        try:
-            return consume(response, deadline)
-        except TransportError as error:
-            response.close()
-            if not error.retryable:
-                raise BrokerError(f"broker's answer to {describe} is unreadable ({error.reason})") from None
-            raise _Retryable(f"the answer to {describe} broke off after {error.received} bytes ({error.reason})",
-                             error.reason, f" (got {error.received} bytes)") from None
-        except TooLargeError:
-            raise BrokerError(f"broker's answer to {describe} is larger than {MAX_XML_BYTES // 1048576} MiB, "
-                              "far more than a real broker sends; refusing it (is BROKER.URL the AKTIN "
-                              "broker?)") from None
-        except BaseException:
-            response.close()
-            raise
+    def _failure(self, error: BaseException, describe: str, deadline: Deadline, limit: int) -> str:
+        """The one-line message for a call that got no answer (after any retries)."""
+        base, route = self.base_url, self._route
+        if deadline.stopped:
+            return f"broker call {describe} was stopped: the run is ending"
+        if deadline.expired:
+            return (f"broker at {base} did not answer {describe} within {limit} s; check that the broker is "
+                    f"healthy (limits: {_LIMIT_KEYS})")
+        refusal = tunnel_refusal(error)
+        if refusal is not None:
+            status, reason = refusal
+            hint = (f"check the credentials in {route.proxy_variable}" if status in (401, 407)  # tinyproxy: 401
+                    else f"check {route.proxy_variable} and NO_PROXY")
+            return (f"proxy {route.proxy_shown} refused the connection to the broker at {base} ({status} "
+                    f"{reason}); {hint}")
+        if isinstance(error, requests.exceptions.SSLError):
+            return (f"TLS error: {_tls_reason(error)} talking to the broker at {base}; check BROKER.URL and "
+                    "REQUESTS_CA_BUNDLE")
+        if isinstance(error, requests.exceptions.ProxyError):
+            if any(isinstance(cause, ssl.SSLError) for cause in causes(error)):
+                return (f"cannot reach the proxy {route.proxy_shown} (TLS error: {_tls_reason(error)}); check "
+                        f"{route.proxy_variable} and REQUESTS_CA_BUNDLE")
+            return (f"cannot reach the proxy {route.proxy_shown} ({short_reason(error)}); check "
+                    f"{route.proxy_variable} and NO_PROXY")
+        if isinstance(error, requests.exceptions.Timeout):
+            return f"broker at {base} did not answer {describe} in time; check that the broker is healthy"
+        if isinstance(error, requests.exceptions.ConnectionError):
+            return (f"cannot reach the broker at {base} ({short_reason(error)}); check BROKER.URL and that "
+                    "the broker is running")
+        if isinstance(error, (requests.exceptions.InvalidSchema, requests.exceptions.InvalidProxyURL)):
+            return f"cannot use the proxy {route.proxy_shown} named by {route.proxy_variable} ({error})"
+        if str(error).startswith("Could not find a suitable TLS CA certificate bundle"):  # requests' own check
+            return f"{error}; check REQUESTS_CA_BUNDLE and CURL_CA_BUNDLE"
+        return f"cannot call the broker at {base} ({short_reason(error)})"
+
+    def _status_message(self, status: int, describe: str) -> str:
+        """The one-line message for an answer the call cannot use."""
+        proxy = self._route.proxy_shown
+        if status == 407 and proxy:
+            return (f"proxy {proxy} answered 407 Proxy Authentication Required to {describe}; check the "
+                    f"credentials in {self._route.proxy_variable}")
+        if status == 401:
+            # Through a proxy, the 401 may be the proxy's (tinyproxy answers wrong credentials so).
+            also = f", or the credentials in {self._route.proxy_variable} for the proxy {proxy}" if proxy else ""
+            return (f"broker rejected the API key (401) for {describe}; check that BROKER.API_KEY is an "
+                    f"admin key{also}")
+        if status == 404 and describe.endswith("/broker/status"):
+            return (f"broker answered 404 to {describe}; check BROKER.URL (the server's root, without /broker "
+                    "at the end)")
+        through = f" (through the proxy {proxy})" if proxy and status in (502, 503, 504) else ""
+        return f"broker answered {status} to {describe}{through}"
 
     def _read_xml(self, path: str, handler: RequestListParser | StatusParser,
                   query: dict[str, str] | None = None) -> None:
         """GET an XML document into ``handler``, retrying transient failures within the call's deadline."""
 
-        def consume(response: Response, deadline: Deadline) -> None:
+        def consume(response: requests.Response, deadline: Deadline) -> None:
+            body = BodyReader(response, MAX_XML_BYTES)
             try:
-                feed_xml(response.pieces(MAX_XML_BYTES), handler)
+                feed_xml(iter(body), handler)
             finally:
-                response.close()
+                body.release()
 
-        self._call("GET", path, "application/xml", consume, self.call_timeout, retries=self.retries, query=query)
+        self._call("GET", path, "application/xml", consume, self.call_timeout, retry=True, query=query)
 
     def check_status(self) -> None:
         """HEAD /broker/status, as the original does before anything else.
 
         :raises BrokerError: unreachable or not answering 200.
         """
-        self._call("HEAD", "/broker/status", "application/xml", _close, self.call_timeout, retries=self.retries)
+        self._call("HEAD", "/broker/status", "application/xml", _read_nothing, self.call_timeout, retry=True)
 
     def list_tagged_request_ids(self, tag: str) -> list[str]:
         """Ids (as strings) of the requests whose definition carries ``<tag>tag</tag>``."""
@@ -267,13 +332,6 @@ class BrokerClient:
         self._read_xml(f"/broker/request/{request_id}/status", handler)
         return handler.completion
 
-    def get_completions(self, request_ids: list[str]) -> dict[str, str]:
-        """Completion of every request in ``request_ids``, ``concurrency`` calls at a time, in the given order.
-
-        :raises BrokerError: the first failure (by position in ``request_ids``); the rest are abandoned.
-        """
-        completions = run_parallel(self.get_completion, request_ids, self.concurrency)
-        return dict(zip(request_ids, completions))
 
     def api_key_role(self) -> str:
         """Tell what kind of key the API key is: ``"admin"``, ``"node"`` or ``"unknown"``.
@@ -285,21 +343,14 @@ class BrokerClient:
 
         :raises BrokerError: unreachable, too slow, or another answer.
         """
-        describe = "GET /broker/my/request"
-        deadline = start_deadline(self._deadline_in(self.call_timeout))
-        try:
-            headers = {**self._headers, "Accept": "application/xml"}
-            response = self._pool.request("GET", "/broker/my/request", headers, deadline, fresh=True)
-            response.close()  # the body (a node's request list) is not needed
-        except TransportError as error:
-            raise BrokerError(f"cannot ask the broker at {self.base_url} about the API key "
-                              f"({error.reason})") from None
-        finally:
-            deadline.finish()
         roles = {200: "node", 500: "admin", 401: "unknown"}
-        if response.status not in roles:
-            raise BrokerError(_status_message(response.status, describe))
-        return roles[response.status]
+
+        def role(response: requests.Response, deadline: Deadline) -> str:
+            BodyReader(response).release()  # the body (a node's request list) is not needed
+            return roles[response.status_code]
+
+        return self._call("GET", "/broker/my/request", "application/xml", role, self.call_timeout, retry=False,
+                          statuses=roles)
 
     def open_result(self, request_id: str) -> ResultStream:
         """Export the request's result bundle and open its download as a stream (close it after use).
@@ -308,100 +359,60 @@ class BrokerClient:
 
         :raises BrokerError: the export or the start of the download failed.
         """
+        return self.open_download(request_id, self.export_result(request_id))
+
+    def export_result(self, request_id: str) -> str:
+        """Have the broker build the request's result bundle; return its download id (a link that lives
+        10 minutes from now and may be downloaded any number of times until then).
+
+        :raises BrokerError: the export failed (it is not retried: each call builds a new bundle).
+        """
         path = f"/broker/export/request-bundle/{request_id}"
-        uuid = self._call("POST", path, "text/plain", _read_uuid, self.export_timeout)
+        uuid = self._call("POST", path, "text/plain", _read_uuid, self.export_timeout, retry=False)
         if not _UUID.fullmatch(uuid):
             raise BrokerError(f"broker export of request {request_id} returned no download id")
-        # The download may last as long as the run may; it fails sooner only if it stalls.
-        lifetime = start_deadline(self.run_deadline if self.run_deadline is not None
-                                  else time.monotonic() + 7 * 86400)
+        return uuid
 
-        def keep(response: Response, deadline: Deadline) -> Response:
-            response.watch_with(lifetime)
-            response.set_stall_timeout(self.call_timeout)
+    def open_download(self, request_id: str, uuid: str) -> ResultStream:
+        """Open the download ``uuid`` (from ``export_result``) of the request's bundle as a stream; close it
+        after use.
+
+        :raises BrokerError: the start of the download failed (retried within the call's deadline).
+        """
+        # The download may last as long as the run may; it fails sooner only if it stalls (the socket's
+        # read timeout stays the download call's).
+        lifetime = self._start(self.run_deadline if self.run_deadline is not None
+                               else time.monotonic() + 7 * 86400)
+
+        def keep(response: requests.Response, deadline: Deadline) -> requests.Response:
+            watch_body(response, lifetime)
             return response
 
         try:
             response = self._call("GET", f"/broker/download/{uuid}", "application/zip, */*", keep,
-                                  self.call_timeout, retries=self.retries)
+                                  self.call_timeout, retry=True)
         except BaseException:
-            lifetime.finish()
+            self._finish(lifetime)
             raise
-        return ResultStream(request_id, response, lifetime)
+        return ResultStream(request_id, response, lifetime, self._finish)
 
 
-T = TypeVar("T")
-_LIMIT_KEYS = "BROKER.CALL_TIMEOUT, BROKER.EXPORT_TIMEOUT, MISC.RUN_TIMEOUT"
+def _read_nothing(response: requests.Response, deadline: Deadline) -> None:
+    read_all(response, 1024)  # a HEAD answer has no body: this only frees the connection for reuse
 
 
-class _Retryable(Exception):
-    """A failure worth another attempt if time allows."""
-
-    def __init__(self, message: str, reason: str, so_far: str = ""):
-        super().__init__(message)
-        self.message = message
-        self.reason = reason
-        self.so_far = so_far
+def _read_uuid(response: requests.Response, deadline: Deadline) -> str:
+    return read_all(response, 1024).decode("ascii", "replace").strip()
 
 
-def _status_message(status: int, describe: str) -> str:
-    if status == 401:
-        return (f"broker rejected the API key (401) for {describe}; check that BROKER.API_KEY is an "
-                "admin key")
-    if status == 404 and describe.endswith("/broker/status"):
-        return (f"broker answered 404 to {describe}; check BROKER.URL (the server's root, without /broker "
-                "at the end)")
-    return f"broker answered {status} to {describe}"
-
-
-def _close(response: Response, deadline: Deadline) -> None:
-    response.close()
-
-
-def _read_uuid(response: Response, deadline: Deadline) -> str:
-    try:
-        text = response.read_all(1024)
-    finally:
-        response.close()
-    return text.decode("ascii", "replace").strip()
-
-
-def run_parallel(function: Callable[[str], T], items: list[str], workers: int) -> list[T]:
-    """``[function(item) for item in items]`` on up to ``workers`` daemon threads, results in order.
-
-    The first exception (by position) is raised once the calls before it are done; no new calls
-    start after a failure. Daemon threads, because a call stuck past an interrupt must not keep the
-    process alive (every call has its own hard deadline anyway).
-    """
-    if workers <= 1 or len(items) <= 1:
-        return [function(item) for item in items]
-    results: list[object] = [None] * len(items)
-    errors: dict[int, BaseException] = {}
-    positions = iter(range(len(items)))
-    lock = threading.Lock()
-    finished = threading.Semaphore(0)
-
-    def work() -> None:
-        while True:
-            with lock:
-                position = next(positions, None) if not errors else None
-            if position is None:
-                finished.release()
-                return
-            try:
-                results[position] = function(items[position])
-            except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
-                with lock:
-                    errors[position] = error
-
-    count = min(workers, len(items))
-    for number in range(count):
-        threading.Thread(target=work, name=f"broker-{number}", daemon=True).start()
-    for _ in range(count):
-        finished.acquire()
-    if errors:
-        raise errors[min(errors)]
-    return results  # type: ignore[return-value]
+def _tls_reason(error: BaseException) -> str:
+    """The TLS failure in its own words: certificate, hostname, protocol."""
+    for cause in causes(error):
+        if isinstance(cause, ssl.SSLCertVerificationError) and cause.verify_message:
+            return f"certificate verify failed: {cause.verify_message}"
+        if isinstance(cause, ssl.SSLError):
+            return (cause.reason or cause.__class__.__name__).replace("_", " ").lower()
+    return short_reason(error)
 
 
 def broker_client(config: Config, deadline: float) -> BrokerClient:

@@ -18,11 +18,13 @@ import time
 
 
 class Deadline:
-    """One call's time limit and the sockets it used; ``expired`` turns true when the watchdog fired."""
+    """One call's time limit and the sockets it used; ``expired`` turns true when the watchdog fired
+    (or ``stop`` cut the call before its time: then ``stopped`` is true as well)."""
 
     def __init__(self, at: float):
         self.at = at
         self.expired = False
+        self.stopped = False
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
         self._done = False
@@ -52,6 +54,11 @@ class Deadline:
             sockets, self._sockets = self._sockets, []
         for sock in sockets:
             _shutdown(sock)
+
+    def stop(self) -> None:
+        """Cut the call now, before its time (the run is ending)."""
+        self.stopped = True
+        self.fire()
 
     def finish(self) -> None:
         """The call is over: forget its sockets (they go back to the pool)."""

@@ -1,6 +1,6 @@
 """The broker's XML documents, parsed as they arrive: request lists and request status lists.
 
-Each document is fed piece by piece into an lxml pull parser (entities, DTDs and network off) and
+Each document is fed piece by piece into an lxml pull parser (hardened: ``safe_xml``) and
 every element is dropped as soon as it ends, so memory stays flat whatever a (hostile) broker sends;
 ``MAX_LISTED_REQUESTS`` caps what a listing may hold. See docs/broker-api.md §3.7, §3.8 and §5.
 """
@@ -13,15 +13,11 @@ from collections.abc import Iterator
 from lxml import etree
 
 from broker_sftp_uploader.errors import BrokerError
+from broker_sftp_uploader.safe_xml import pull_parser
 
 NAMESPACE = "http://aktin.org/ns/exchange"
 MAX_LISTED_REQUESTS = 100_000
 _REQUEST_ID = re.compile(r"[0-9]{1,18}")
-
-
-def _safe_parser(**options) -> etree.XMLPullParser:
-    return etree.XMLPullParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False,
-                               **options)
 
 
 def format_completion(completed: int, total: int) -> str:
@@ -92,7 +88,7 @@ def feed_xml(pieces: Iterator[bytes], handler: RequestListParser | StatusParser)
 
     :raises BrokerError: the document is not well-formed XML or the handler refuses it.
     """
-    parser = _safe_parser(events=("start", "end"))
+    parser = pull_parser(events=("start", "end"))
     try:
         for piece in pieces:
             parser.feed(piece)

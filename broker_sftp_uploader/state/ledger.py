@@ -19,6 +19,7 @@ from lxml import etree
 from broker_sftp_uploader.state.atomic import atomic_write
 from broker_sftp_uploader.config import LEDGER_FILE_NAME
 from broker_sftp_uploader.errors import LedgerError
+from broker_sftp_uploader.safe_xml import tree_parser
 
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S"
 # A remote file name we recorded: a plain base name in FOLDERNAME, never hidden, never a path.
@@ -138,8 +139,7 @@ class Ledger:
         :raises LedgerError: the file cannot be read or is not a ledger.
         """
         path = Path(path)
-        parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
-                                 remove_blank_text=True, huge_tree=False)
+        parser = tree_parser(remove_blank_text=True)
         try:
             with open(path, "rb") as handle:
                 root = etree.parse(handle, parser).getroot()

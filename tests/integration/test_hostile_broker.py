@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -11,23 +12,16 @@ import pytest
 from broker_sftp_uploader.broker.client import MAX_XML_BYTES, BrokerClient
 from broker_sftp_uploader.errors import BrokerError
 from test_resources import broker_actors as actors
-from tests.conftest import ADMIN_KEY, CLIENT_1
+from test_resources.broker_actors import ADMIN_KEY
 
 FILTERED = r"/broker/request/filtered"
 STATUS = r"/broker/request/\d+/status"
 
 
 def client(broker, **options) -> BrokerClient:
-    options.setdefault("call_timeout", 2.0)
-    options.setdefault("sleep", lambda seconds: None)
+    options = {"call_timeout": 2.0, "export_timeout": 30.0, "retries": 3, "concurrency": 4,
+               "sleep": lambda seconds: None, **options}
     return BrokerClient(broker.url, ADMIN_KEY, **options)
-
-
-def one_request(broker) -> str:
-    request_id = actors.create_request(broker.url, "rki")
-    actors.put_result(broker.url, CLIENT_1, request_id, b"a;b\n")
-    actors.post_status(broker.url, CLIENT_1, request_id, "completed")
-    return str(request_id)
 
 
 def timed(call):
@@ -47,7 +41,7 @@ def test_listing_that_never_completes_fails_within_the_call_timeout(broker, answ
 
 
 def test_status_call_that_trickles_fails_within_the_call_timeout(broker):
-    request_id = one_request(broker)
+    request_id = actors.publish_completed(broker.url)
     broker.inject_hostile("GET", STATUS, "trickle", delay=0.1, times=10)
     with client(broker) as api:
         elapsed, message = timed(lambda: api.get_completion(request_id))
@@ -72,13 +66,15 @@ def test_oversized_answer_is_refused(broker, answer):
 
 
 def test_transient_gateway_errors_are_retried_with_backoff(broker):
-    request_id = one_request(broker)
-    broker.inject_fault("GET", STATUS, status=503, times=2)
+    request_id = actors.publish_completed(broker.url)
+    broker.inject_fault("GET", STATUS, status=503, times=3)
     waits = []
-    with client(broker, sleep=waits.append) as api:
+    with client(broker, sleep=waits.append, retries=3, retry_backoff=0.5, call_timeout=30) as api:
         assert api.get_completion(request_id) == "1.0"
+    assert sum(1 for call in broker.requests_log if call.path.endswith("/status")) == 4
+    # urllib3's schedule: the first retry at once, then 0.5 s * 2**n plus up to 0.5 s of jitter
     assert len(waits) == 2
-    assert all(0 <= wait <= 0.5 * 2 ** number for number, wait in enumerate(waits))
+    assert 1.0 <= waits[0] <= 1.5 and 2.0 <= waits[1] <= 2.5, waits
 
 
 def test_retries_stop_when_exhausted(broker):
@@ -90,7 +86,7 @@ def test_retries_stop_when_exhausted(broker):
 
 
 def test_export_is_never_retried(broker):
-    request_id = one_request(broker)
+    request_id = actors.publish_completed(broker.url)
     broker.inject_fault("POST", r"/broker/export/", status=503, times=5)
     with client(broker) as api:
         _, message = timed(lambda: api.open_result(request_id))
@@ -99,7 +95,7 @@ def test_export_is_never_retried(broker):
 
 
 def test_download_that_stalls_is_given_up(broker):
-    request_id = one_request(broker)
+    request_id = actors.publish_completed(broker.url)
     broker.inject_fault("GET", r"/broker/download/", delay=0.0, truncate_after=10)
     with client(broker) as api, api.open_result(request_id) as result, \
             pytest.raises(BrokerError, match="broke off|incomplete"):
@@ -107,7 +103,7 @@ def test_download_that_stalls_is_given_up(broker):
 
 
 def test_download_past_the_run_deadline_is_cut(broker):
-    request_id = one_request(broker)
+    request_id = actors.publish_completed(broker.url)
     broker.inject_hostile("GET", r"/broker/download/", "trickle", delay=0.05)
     with client(broker, run_deadline=time.monotonic() + 1.5) as api:
         start = time.monotonic()
@@ -115,6 +111,22 @@ def test_download_past_the_run_deadline_is_cut(broker):
             while result.read(1024):
                 pass
     assert time.monotonic() - start < 5
+
+
+def test_close_cuts_a_download_in_progress(broker):
+    """What a run does when it stops (Ctrl-C, SIGTERM, the run's time limit) while downloads trickle."""
+    request_id = actors.publish_completed(broker.url)
+    broker.inject_hostile("GET", r"/broker/download/", "trickle", delay=0.05)
+    with client(broker, call_timeout=30) as api, api.open_result(request_id) as result:
+        closer = threading.Timer(0.5, api.close)
+        closer.start()
+        start = time.monotonic()
+        with pytest.raises(BrokerError, match=f"download of request {request_id} was stopped after "
+                                              r"\d+ bytes: the run is ending"):
+            while result.read(1024):
+                pass
+        closer.join()
+    assert time.monotonic() - start < 10  # the trickle would go on for 14 hours
 
 
 # ---- the whole CLI, as cron runs it: exit code, message, time and peak memory -----------------------
@@ -162,8 +174,8 @@ def test_sync_survives_a_flooding_broker_with_little_memory(workspace, broker, a
 
 
 def test_sync_with_a_silent_broker_exits_13_naming_the_limit(workspace, broker):
-    workspace.rewrite_config('API_KEY = "xxxAdmin1234"', 'API_KEY = "xxxAdmin1234"\nCALL_TIMEOUT = 3')
-    one_request(broker)
+    workspace.rewrite_config(f'API_KEY = "{ADMIN_KEY}"', f'API_KEY = "{ADMIN_KEY}"\nCALL_TIMEOUT = 3')
+    actors.publish_completed(broker.url)
     broker.inject_hostile("GET", STATUS, "silent", times=10)
     result, elapsed = run_cli(workspace)
     assert result.returncode == 13, result.stderr
