@@ -28,13 +28,41 @@ from broker_sftp_uploader.state.journal import PartialsJournal
 from broker_sftp_uploader.sftp.session import FAILURES as _FAILURES
 from broker_sftp_uploader.sftp.session import ServerTraits, SftpSession
 from broker_sftp_uploader.sftp.session import reason as _reason
-from broker_sftp_uploader.sftp.ssh_keys import KnownHosts, Login, fingerprint, load_known_hosts, load_private_key
+from broker_sftp_uploader.sftp.ssh_keys import (
+    KnownHosts,
+    Login,
+    load_known_hosts,
+    load_private_key,
+    ssh_fingerprint,
+)
 
 logger = logging.getLogger(__name__)
 
-# Backoff between connect attempts: doubling from 1 s up to 30 s, each delay jittered to 50-100 %.
+# The connect's backoff: doubling from 1 s up to 30 s, each delay jittered to 50-100 % so that runs that
+# failed together retry apart.
 RETRY_FIRST_DELAY = 1.0
 RETRY_MAX_DELAY = 30.0
+
+
+def gcm_first_transport(sock: socket.socket, **options: object) -> paramiko.Transport:
+    """A paramiko ``Transport`` that offers AES-GCM before its other ciphers (``SSHClient.connect``'s
+    ``transport_factory``).
+
+    paramiko encrypts every packet in this process, holding the GIL that the Fernet encryption needs
+    as well; AES-GCM encrypts and authenticates in one call, where paramiko's first choice, AES-CTR
+    with HMAC-SHA2-256, costs half as much again in CPU for an upload. A server without AES-GCM
+    gets paramiko's usual order.
+    """
+    transport = paramiko.Transport(sock, **options)
+    security = transport.get_security_options()
+    gcm = tuple(name for name in security.ciphers if name.endswith("-gcm@openssh.com"))
+    security.ciphers = gcm + tuple(name for name in security.ciphers if name not in gcm)
+    return transport
+
+
+def retry_delay(attempt: int) -> float:
+    """Return the seconds to wait after failed connect attempt number ``attempt`` (1, 2, …)."""
+    return min(RETRY_MAX_DELAY, RETRY_FIRST_DELAY * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
 
 
 class _AcceptNewPolicy(paramiko.MissingHostKeyPolicy):
@@ -47,7 +75,7 @@ class _AcceptNewPolicy(paramiko.MissingHostKeyPolicy):
         self.known_hosts.check_not_revoked(hostname, key)
         self.known_hosts.record(hostname, key)
         logger.warning("first connection to %s: recorded its %s host key (%s) in %s",
-                       hostname, key.get_name(), fingerprint(key), self.known_hosts.path)
+                       hostname, key.get_name(), ssh_fingerprint(key), self.known_hosts.path)
 
 
 class _ConnectFailure(SftpError):
@@ -114,8 +142,7 @@ class SftpConnection:
                     self._open(key, timeout)
                 break
             except _ConnectFailure as failure:
-                delay = min(RETRY_MAX_DELAY, RETRY_FIRST_DELAY * 2 ** (attempt - 1))
-                delay *= random.uniform(0.5, 1.0)  # jitter: runs that failed together retry apart
+                delay = retry_delay(attempt)
                 out_of_time = deadline is not None and time.monotonic() + delay >= deadline
                 if attempt == attempts or out_of_time:
                     tries = f" ({attempt} attempts)" if attempt > 1 else ""
@@ -144,13 +171,14 @@ class SftpConnection:
                           known_hosts)
             client.connect(settings.host, port=settings.port, username=settings.username, timeout=timeout,
                            banner_timeout=timeout, auth_timeout=timeout, channel_timeout=timeout,
-                           allow_agent=False, look_for_keys=False, auth_strategy=login)
+                           allow_agent=False, look_for_keys=False, auth_strategy=login,
+                           transport_factory=gcm_first_transport)
             sftp = client.open_sftp()
             sftp.get_channel().settimeout(settings.timeout)
         except paramiko.BadHostKeyException as error:
             client.close()
-            presented = f"{error.key.get_name()} {fingerprint(error.key)}"
-            recorded = fingerprint(error.expected_key)
+            presented = f"{error.key.get_name()} {ssh_fingerprint(error.key)}"
+            recorded = ssh_fingerprint(error.expected_key)
             raise SftpError(f"the host key of {server} ({presented}) does not match the one recorded in "
                             f"{settings.known_hosts} ({recorded}); if the server's key really changed, "
                             "confirm the new fingerprint with its admin and replace its line there") from None

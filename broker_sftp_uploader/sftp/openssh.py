@@ -3,8 +3,9 @@
 paramiko does the SSH cipher and framing in Python, on the same core as the Fernet encryption, which
 caps a large upload at about half of what OpenSSH's own ``sftp`` reaches. Here every SFTP session is
 an ``ssh -s … sftp`` process: the SSH work moves into C on the other core, and paramiko's
-``SFTPClient`` only frames SFTP requests into its pipes. The uploads themselves (temp name, journal,
-rename) are the same code as for the default transport (``session.py``).
+``SFTPClient`` only frames SFTP requests into its pipes (``paramiko_internals.PipeChannel``). The
+uploads themselves (temp name, journal, rename) are the same code as for the default transport
+(``session.py``).
 
 The same config keys apply: the known_hosts file with the same accept-new / strict behaviour (the
 file is checked by our reader first, so a broken line gives the same error), ``PRIVATE_KEY``
@@ -18,12 +19,9 @@ given on its command line, which takes precedence.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import os
 import re
-import select
 import shutil
 import subprocess
 import tempfile
@@ -35,12 +33,12 @@ import paramiko
 from broker_sftp_uploader.errors import SftpError
 from broker_sftp_uploader.interrupts import deferred
 from broker_sftp_uploader.sftp.connection import SftpConnection, _ConnectFailure
+from broker_sftp_uploader.sftp.paramiko_internals import PipeChannel, sftp_over_pipe
 from broker_sftp_uploader.sftp.session import SftpSession
-from broker_sftp_uploader.sftp.ssh_keys import load_known_hosts
+from broker_sftp_uploader.sftp.ssh_keys import known_hosts_bytes, load_known_hosts
 
 logger = logging.getLogger(__name__)
 
-PIPE_SIZE = 1024 * 1024  # fewer, larger hand-overs between us and ssh
 # Asked by ssh through SSH_ASKPASS: a key's passphrase or the password, told apart by the prompt.
 _ASKPASS = """#!/bin/sh
 case "$1" in
@@ -56,52 +54,6 @@ _TRANSIENT = ("Connection refused", "Connection timed out", "timed out", "Connec
               "Connection closed by", "No route to host", "Network is unreachable", "kex_exchange_identification")
 
 
-class _PipeSocket:
-    """The send/recv/close face of an ``ssh -s sftp`` child, which is what paramiko's SFTPClient needs."""
-
-    def __init__(self, process: subprocess.Popen, timeout: float):
-        self._process = process
-        self._out = process.stdin.fileno()
-        self._in = process.stdout.fileno()
-        self._timeout = timeout
-        for fd in (self._out, self._in):
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-
-    def settimeout(self, timeout: float | None) -> None:
-        self._timeout = timeout
-
-    def get_name(self) -> str:  # paramiko's log lines name the channel
-        return "ssh"
-
-    def send(self, data: bytes) -> int:
-        try:
-            return os.write(self._out, data)
-        except BrokenPipeError:
-            return 0  # paramiko turns this into EOFError
-
-    def recv(self, size: int) -> bytes:
-        if self._timeout is not None:
-            ready, _, _ = select.select([self._in], [], [], self._timeout)
-            if not ready:
-                raise TimeoutError("timed out")
-        return os.read(self._in, size)
-
-    def recv_ready(self) -> bool:
-        return bool(select.select([self._in], [], [], 0)[0])
-
-    def close(self) -> None:
-        """End the ssh child: close its input, then wait briefly, then kill it."""
-        for stream in (self._process.stdin, self._process.stdout):
-            with contextlib.suppress(OSError):
-                stream.close()
-        try:
-            self._process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
-
-
 class OpensshConnection(SftpConnection):
     """Like ``SftpConnection``, with every SFTP session an ``ssh`` child process."""
 
@@ -109,7 +61,7 @@ class OpensshConnection(SftpConnection):
         super().__init__(*args, **kwargs)
         self._ssh = ssh or shutil.which("ssh") or "/usr/bin/ssh"
         self._secrets: Path | None = None
-        self._sockets: list[_PipeSocket] = []
+        self._channels: list[PipeChannel] = []
         self._lock = threading.Lock()
 
     def _open(self, key: paramiko.PKey | None, timeout: float) -> None:
@@ -121,9 +73,9 @@ class OpensshConnection(SftpConnection):
             raise SftpError(f"SFTP.TRANSPORT is \"openssh\" but {self._ssh} cannot be run; install the "
                             "OpenSSH client (openssh-client) or use the default transport")
         self._write_secrets()
-        before = _read_or_none(settings.known_hosts)
+        before = known_hosts_bytes(settings.known_hosts)
         client = self._start_session(timeout)
-        if _read_or_none(settings.known_hosts) != before:  # ssh's accept-new recorded a new host key
+        if known_hosts_bytes(settings.known_hosts) != before:  # ssh's accept-new recorded a new host key
             logger.warning("first connection to [%s]:%s: recorded its host key in %s", settings.host,
                            settings.port, settings.known_hosts)
         self._client = None
@@ -190,12 +142,12 @@ class OpensshConnection(SftpConnection):
         # A session of its own: Ctrl-C at the terminal reaches only us, and we end ssh when we are done.
         process = subprocess.Popen(self._command(timeout), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                    stderr=errors, env=environment, start_new_session=True)
-        pipe = _PipeSocket(process, timeout)
+        channel = PipeChannel(process, timeout)
         try:
             with deferred():
-                client = paramiko.SFTPClient(pipe)
+                client = sftp_over_pipe(channel)
         except (OSError, EOFError, paramiko.SSHException):
-            pipe.close()
+            channel.close()
             errors.seek(0)
             said = errors.read().decode("utf-8", "replace")
             errors.close()
@@ -203,7 +155,7 @@ class OpensshConnection(SftpConnection):
         errors.close()
         client.get_channel().settimeout(self.settings.timeout)
         with self._lock:
-            self._sockets.append(pipe)
+            self._channels.append(channel)
         return client
 
     def _failure(self, said: str) -> SftpError:
@@ -241,9 +193,9 @@ class OpensshConnection(SftpConnection):
                 self._main.close()
             self._main = None
             with self._lock:
-                sockets, self._sockets = self._sockets, []
-            for pipe in sockets:
-                pipe.close()
+                channels, self._channels = self._channels, []
+            for channel in channels:
+                channel.close()
             if self._secrets is not None:
                 shutil.rmtree(self._secrets, ignore_errors=True)
                 self._secrets = None
@@ -265,10 +217,3 @@ def _remove_orphaned_secrets(parent: Path) -> None:
             logger.info("removed %s, left by a run that was killed", folder)
         except (ValueError, OSError):
             continue
-
-
-def _read_or_none(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except OSError:
-        return None

@@ -24,7 +24,7 @@ from broker_sftp_uploader.config import Config, SftpSettings
 from broker_sftp_uploader.errors import UploaderError
 from broker_sftp_uploader.sftp.connection import SftpConnection
 from broker_sftp_uploader.sftp.session import SftpSession
-from broker_sftp_uploader.sftp.ssh_keys import fingerprint
+from broker_sftp_uploader.sftp.ssh_keys import known_hosts_bytes, ssh_fingerprint
 from broker_sftp_uploader.sftp.transport import sftp_connection
 
 # What connecting logs when it records a new host key; here it records into a temporary copy that is
@@ -64,7 +64,7 @@ def sftp_without_recording(config: Config, deadline: float) -> Iterator[SftpVisi
     quiet = _DropRecordedMessage()
     try:
         copy = folder / "known_hosts"
-        before = _read_or_none(real.known_hosts)
+        before = known_hosts_bytes(real.known_hosts)
         if before is not None:
             copy.write_bytes(before)
         settings = dataclasses.replace(real, known_hosts=copy, folder=".", retries=0)
@@ -82,7 +82,7 @@ def sftp_without_recording(config: Config, deadline: float) -> Iterator[SftpVisi
         finally:
             for name in ("broker_sftp_uploader.sftp.connection", "broker_sftp_uploader.sftp.openssh"):
                 logging.getLogger(name).removeFilter(quiet)
-        added = _added_keys(before, _read_or_none(copy))
+        added = _added_keys(before, known_hosts_bytes(copy))
         visit = SftpVisit(real, None if error else connection, error, added)
         try:
             yield visit
@@ -97,13 +97,6 @@ class _DropRecordedMessage(logging.Filter):
         return not str(record.msg).startswith(_RECORDED_MESSAGE)
 
 
-def _read_or_none(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except OSError:
-        return None
-
-
 def _added_keys(before: bytes | None, after: bytes | None) -> tuple[str, ...]:
     """``TYPE SHA256:…`` of each key line in ``after`` that ``before`` did not have."""
     old = set((before or b"").splitlines())
@@ -116,5 +109,5 @@ def _added_keys(before: bytes | None, after: bytes | None) -> tuple[str, ...]:
             key = paramiko.PKey.from_type_string(fields[1].decode("ascii"), base64.b64decode(fields[2]))
         except (UnicodeDecodeError, binascii.Error, ValueError, UnknownKeyType, paramiko.SSHException):
             continue
-        added.append(f"{key.get_name()} {fingerprint(key)}")
+        added.append(f"{key.get_name()} {ssh_fingerprint(key)}")
     return tuple(added)

@@ -9,7 +9,8 @@ then renamed into place, so a receiver never sees a partial file under its final
 pipelined: up to ``MAX_IN_FLIGHT`` requests of ``WRITE_SIZE`` bytes are on their way before the
 oldest acknowledgement is awaited, so client and server work at the same time instead of taking turns
 (paramiko's own ``SFTPFile.write`` sends 32 KiB requests and drains every acknowledgement once 100
-are pending).
+are pending). The requests that paramiko's public API does not offer, and the exact status codes,
+come from ``paramiko_internals.py``.
 """
 
 from __future__ import annotations
@@ -25,17 +26,25 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 import paramiko
-from paramiko.sftp import CMD_STATUS, CMD_WRITE, int64
 
 from broker_sftp_uploader.errors import SftpError
 from broker_sftp_uploader.interrupts import deferred
+from broker_sftp_uploader.sftp.paramiko_internals import (
+    STATUS_FAILURE,
+    STATUS_FILE_ALREADY_EXISTS,
+    STATUS_OP_UNSUPPORTED,
+    StatusReply,
+    plain_rename,
+    posix_rename,
+    send_write,
+)
 from broker_sftp_uploader.state.journal import PartialsJournal
 
 logger = logging.getLogger(__name__)
 
 # OpenSSH's sftp-server takes messages of up to 256 KiB; a write's header needs a few dozen bytes.
 WRITE_SIZE = 255 * 1024
-MAX_IN_FLIGHT = 16  # writes sent and not yet acknowledged: 4 MiB
+MAX_IN_FLIGHT = 16  # writes sent and not yet acknowledged, at most: 4 MiB
 # What a failed exchange raises: socket errors, timeouts and the server's refusals (OSError), protocol
 # errors (SSHException), a dropped connection (EOFError).
 FAILURES = (OSError, paramiko.SSHException, EOFError)
@@ -82,7 +91,8 @@ class SftpSession:
         Writes ``.name.part-<random>`` first, checks its size, then renames it over ``name``. An
         interrupt is raised only between SFTP requests, so the temp file can always be removed.
 
-        ``progress`` is called with the byte count of every write.
+        ``progress`` is called with the byte count of every write (the bound on writes in flight holds
+        with or without it).
 
         :returns: the number of bytes uploaded.
         :raises SftpError: the transfer or the rename failed; the temp file is then removed.
@@ -114,23 +124,24 @@ class SftpSession:
         return written
 
     def _transfer(self, source: BinaryIO, temp: str, progress: Callable[[int], None] | None = None) -> int:
-        """Copy ``source`` into a new remote file with pipelined writes; close it in every outcome."""
+        """Copy ``source`` into a new remote file with pipelined writes, at most ``MAX_IN_FLIGHT`` of
+        them unacknowledged; close the file in every outcome."""
         sftp = self.client
         with deferred():
             remote = sftp.open(temp, "wb")
-        in_flight: deque[_Reply] = deque()
+        in_flight: deque[StatusReply] = deque()
         written = 0
         try:
             while chunk := source.read(WRITE_SIZE):
                 if self.stop is not None and self.stop.is_set():
                     raise TransferStopped()
                 with deferred():
-                    in_flight.append(_Reply.send(sftp, CMD_WRITE, remote.handle, int64(written), chunk))
+                    while len(in_flight) >= MAX_IN_FLIGHT:  # the oldest must be done before another goes
+                        in_flight.popleft().wait(sftp).raise_unless_ok(sftp)
+                    in_flight.append(send_write(sftp, remote, written, chunk))
                     written += len(chunk)
                 if progress is not None:
                     progress(len(chunk))
-                    while len(in_flight) > MAX_IN_FLIGHT:
-                        in_flight.popleft().wait(sftp).raise_unless_ok(sftp)
             with deferred():
                 while in_flight:
                     in_flight.popleft().wait(sftp).raise_unless_ok(sftp)
@@ -165,10 +176,9 @@ class SftpSession:
             raise SftpError(f"cannot delete {name} on {self.where}: {reason(error)}") from None
         return True
 
-    _posix_rename_unsupported = False
     # How a plain rename refuses an existing target: OpenSSH answers FAILURE, ProFTPD (like SFTP v5+)
-    # FILE_ALREADY_EXISTS (11, which paramiko does not name).
-    _TARGET_EXISTS_STATUSES = (paramiko.sftp.SFTP_FAILURE, 11)
+    # FILE_ALREADY_EXISTS.
+    _TARGET_EXISTS_STATUSES = (STATUS_FAILURE, STATUS_FILE_ALREADY_EXISTS)
 
     def _rename_over(self, temp: str, final: str) -> None:
         """Rename ``temp`` to ``final``, replacing ``final`` if it exists.
@@ -184,15 +194,14 @@ class SftpSession:
         """
         sftp = self.client
         if not self.traits.posix_rename_unsupported:
-            reply = _Reply.request(sftp, paramiko.sftp.CMD_EXTENDED, "posix-rename@openssh.com",
-                                              temp, final)
-            if reply.status != paramiko.sftp.SFTP_OP_UNSUPPORTED:
+            reply = posix_rename(sftp, temp, final)
+            if reply.status != STATUS_OP_UNSUPPORTED:
                 reply.raise_unless_ok(sftp)
                 return
             self.traits.posix_rename_unsupported = True
             logger.info("%s does not support posix-rename@openssh.com: a file being replaced is deleted just "
                         "before its new version is renamed into place", self.where)
-        reply = _Reply.request(sftp, paramiko.sftp.CMD_RENAME, temp, final)
+        reply = plain_rename(sftp, temp, final)
         if reply.status not in self._TARGET_EXISTS_STATUSES:
             reply.raise_unless_ok(sftp)  # done, or refused for a reason that deleting final cannot fix
             return
@@ -254,51 +263,6 @@ class SftpSession:
             return  # keep it in the journal
         if self.journal is not None:
             self.journal.discard(temp_name)
-
-
-
-class _Reply:
-    """The status a server answers to one SFTP request, with its code.
-
-    paramiko's exceptions keep only the server's text, which differs between servers for the same
-    status ("Operation unsupported" from OpenSSH, "Unsupported operation" from ProFTPD), and its
-    file writes drain their acknowledgements in bulk. So requests go through paramiko's reply hook
-    (``_async_request`` / ``_async_response``, as its own SFTPFile uses), which hands over the raw
-    status packet of each request whenever it arrives.
-    """
-
-    def __init__(self) -> None:
-        self.packet: bytes | None = None
-
-    @classmethod
-    def send(cls, sftp: paramiko.SFTPClient, kind: int, *args: object) -> _Reply:
-        """Send one request; its reply is collected by ``wait`` (or by another reply's wait)."""
-        reply = cls()
-        sftp._async_request(reply, kind, *args)
-        return reply
-
-    @classmethod
-    def request(cls, sftp: paramiko.SFTPClient, kind: int, *args: object) -> _Reply:
-        """Send one request and wait for its status; socket and protocol failures raise."""
-        return cls.send(sftp, kind, *args).wait(sftp)
-
-    def wait(self, sftp: paramiko.SFTPClient) -> _Reply:
-        while self.packet is None:
-            sftp._read_response()  # hands each reply to the object that waits for it
-        return self
-
-    def _async_response(self, kind: int, message: paramiko.Message, number: int) -> None:
-        if kind != CMD_STATUS:
-            raise paramiko.SSHException(f"expected an SFTP status reply, got packet type {kind}")
-        self.packet = message.get_remainder()
-
-    @property
-    def status(self) -> int:
-        return paramiko.Message(self.packet).get_int()
-
-    def raise_unless_ok(self, sftp: paramiko.SFTPClient) -> None:
-        """Raise what paramiko raises for this status; nothing for OK."""
-        sftp._convert_status(paramiko.Message(self.packet))
 
 
 def reason(error: BaseException) -> str:

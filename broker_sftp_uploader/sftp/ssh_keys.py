@@ -12,7 +12,6 @@ import binascii
 import hashlib
 import io
 import logging
-import os
 import re
 import stat
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from paramiko.pkey import UnknownKeyType
 
 from broker_sftp_uploader.state.atomic import atomic_write
-from broker_sftp_uploader.config import SECRET_VARIABLES, warn_if_exposed
+from broker_sftp_uploader.config import SECRET_VARIABLES, read_bounded_file, warn_if_exposed
 from broker_sftp_uploader.errors import KeyFileError, SftpError
 
 logger = logging.getLogger(__name__)
@@ -43,8 +42,8 @@ _KEY_CLASSES = ((ed25519.Ed25519PrivateKey, paramiko.Ed25519Key),
                 (rsa.RSAPrivateKey, paramiko.RSAKey))
 
 
-def fingerprint(key: paramiko.PKey) -> str:
-    """Return the key's SHA256 fingerprint as OpenSSH prints it (``SHA256:…``)."""
+def ssh_fingerprint(key: paramiko.PKey) -> str:
+    """Return an SSH host or public key's SHA256 fingerprint as OpenSSH prints it (``SHA256:…``)."""
     digest = hashlib.sha256(key.asbytes()).digest()
     return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
 
@@ -102,25 +101,7 @@ def load_private_key(path: Path, passphrase: str | None) -> paramiko.PKey:
 
 def _read_key_file(path: Path, what: str) -> tuple[bytes, int]:
     """Return the content of key file ``path`` and its ``st_mode``."""
-    try:
-        # O_NONBLOCK: a FIFO in place of the key must not block the run; fstat refuses it next.
-        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise KeyFileError(f"{what} does not exist") from None
-    except OSError as error:
-        raise KeyFileError(f"cannot read {what}: {error.strerror or error}") from None
-    mode = os.fstat(descriptor).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(descriptor)
-        raise KeyFileError(f"{what} is not a regular file")
-    with os.fdopen(descriptor, "rb") as handle:
-        try:
-            data = handle.read(KEY_FILE_LIMIT + 1)
-        except OSError as error:
-            raise KeyFileError(f"cannot read {what}: {error.strerror or error}") from None
-    if len(data) > KEY_FILE_LIMIT:
-        raise KeyFileError(f"{what} is larger than 1 MiB, so it is not a private key")
-    return data, mode
+    return read_bounded_file(path, KEY_FILE_LIMIT, what, ", so it is not a private key", error=KeyFileError)
 
 
 def _is_encrypted(data: bytes) -> bool | None:
@@ -165,7 +146,7 @@ class KnownHosts:
     def check_not_revoked(self, host: str, key: paramiko.PKey) -> None:
         """:raises SftpError: ``key`` is marked ``@revoked`` in the file."""
         if any(key == revoked for revoked in self.revoked):
-            raise SftpError(f"the host key of {host} ({key.get_name()} {fingerprint(key)}) is marked "
+            raise SftpError(f"the host key of {host} ({key.get_name()} {ssh_fingerprint(key)}) is marked "
                             f"@revoked in {self.path}; do not connect until the server's admin has given it "
                             "a new key")
 
@@ -188,6 +169,15 @@ class KnownHosts:
             raise SftpError(f"cannot record the host key of {host_name} in {self.path}: "
                             f"{error.strerror or error}; make its folder writable or pin the key there in "
                             "advance (ssh-keyscan)") from None
+
+
+def known_hosts_bytes(path: Path) -> bytes | None:
+    """Return the content of known_hosts file ``path``, or None if it cannot be read (missing, say): a
+    snapshot to tell whether a login recorded a host key in it."""
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
 
 
 def load_known_hosts(path: Path, host_keys: paramiko.HostKeys | None = None) -> KnownHosts:

@@ -13,7 +13,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
 
 from broker_sftp_uploader.errors import KeyFileError, SftpError
-from broker_sftp_uploader.sftp.ssh_keys import KnownHosts, fingerprint, load_known_hosts, load_private_key
+from broker_sftp_uploader.sftp.ssh_keys import (
+    KnownHosts,
+    known_hosts_bytes,
+    load_known_hosts,
+    load_private_key,
+    ssh_fingerprint,
+)
 
 PASSPHRASE = "correct horse battery"
 NEW_KEYS = {
@@ -247,6 +253,14 @@ def test_revoked_key_is_refused(tmp_path, host_key):
         load_known_hosts(path).check_not_revoked("host:22", host_key)
 
 
-def test_fingerprint_is_openssh_style(host_key):
+def test_ssh_fingerprint_is_openssh_style(host_key):
     digest = __import__("hashlib").sha256(base64.b64decode(host_key.get_base64())).digest()
-    assert fingerprint(host_key) == "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+    assert ssh_fingerprint(host_key) == "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def test_known_hosts_snapshot_is_the_content_or_none_when_unreadable(tmp_path):
+    path = tmp_path / "known_hosts"
+    assert known_hosts_bytes(path) is None  # missing
+    path.write_bytes(b"host ssh-ed25519 AAAA\n")
+    assert known_hosts_bytes(path) == b"host ssh-ed25519 AAAA\n"
+    assert known_hosts_bytes(tmp_path) is None  # a directory

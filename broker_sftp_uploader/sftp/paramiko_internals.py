@@ -1,0 +1,203 @@
+"""Every use of paramiko's private API, in this one module: pipelined writes, exact status codes, SFTP
+over an ``ssh`` child's pipes.
+
+paramiko's public ``SFTPClient`` lacks two things the uploads need. Its exceptions keep only the
+server's text, which differs between servers for one status ("Operation unsupported" from OpenSSH,
+"Unsupported operation" from ProFTPD), so the status code itself is needed to tell an unsupported
+extension or an existing target from other refusals. And ``SFTPFile.write`` sends 32 KiB requests and
+drains every acknowledgement once 100 are pending, where the uploads keep a steady number of large
+writes in flight. Both come from the reply hook that paramiko's own ``SFTPFile`` uses:
+
+* ``SFTPClient._async_request(reply, kind, *args)`` sends a request and files ``reply`` under its number;
+* ``SFTPClient._read_response()`` reads one reply and hands it to the object filed for its number, as
+  ``reply._async_response(kind, message, number)``;
+* ``SFTPClient._convert_status(message)`` raises what paramiko raises for a status.
+
+The SFTP protocol's numbers (request kinds, status codes, ``int64``) come from ``paramiko.sftp``, which
+paramiko does not document, and a write needs an open file's ``SFTPFile.handle``. ``PipeChannel`` stands
+in for the SSH channel under an ``SFTPClient``: it has exactly the methods paramiko calls on one.
+
+No other module of the package touches any of this: ``tests/unit/test_paramiko_contract.py`` checks
+that, and that every name used here still exists, with the shape called, in the installed paramiko.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import select
+import subprocess
+
+import paramiko
+from paramiko.sftp import (
+    CMD_EXTENDED,
+    CMD_RENAME,
+    CMD_STATUS,
+    CMD_WRITE,
+    SFTP_FAILURE,
+    SFTP_OP_UNSUPPORTED,
+    int64,
+)
+
+# Status codes (SFTP v3 draft, section 7). FILE_ALREADY_EXISTS is from SFTP v5, which paramiko does not
+# name; ProFTPD answers it to a plain rename over an existing file.
+STATUS_OP_UNSUPPORTED = SFTP_OP_UNSUPPORTED
+STATUS_FAILURE = SFTP_FAILURE
+STATUS_FILE_ALREADY_EXISTS = 11
+
+PIPE_SIZE = 1024 * 1024  # fewer, larger hand-overs between us and ssh
+
+
+class StatusReply:
+    """The status a server answers to one SFTP request, with its code.
+
+    ``send`` files the reply with paramiko under the request's number; whichever ``wait`` reads the
+    reply off the channel hands it to its own ``StatusReply`` (replies of several requests in flight
+    arrive in any order relative to the waits).
+    """
+
+    def __init__(self) -> None:
+        self.packet: bytes | None = None
+
+    @classmethod
+    def send(cls, client: paramiko.SFTPClient, kind: int, *args: object) -> StatusReply:
+        """Send one request of ``kind`` (``CMD_…``); its status is collected by ``wait``.
+
+        :returns: the reply, not yet arrived.
+        :raises OSError, EOFError, paramiko.SSHException: the request could not be sent.
+        """
+        reply = cls()
+        client._async_request(reply, kind, *args)
+        return reply
+
+    @classmethod
+    def request(cls, client: paramiko.SFTPClient, kind: int, *args: object) -> StatusReply:
+        """Send one request and wait for its status.
+
+        :returns: the arrived reply (any status: ``raise_unless_ok`` turns a refusal into paramiko's error).
+        :raises OSError, EOFError, paramiko.SSHException: the exchange failed.
+        """
+        return cls.send(client, kind, *args).wait(client)
+
+    def wait(self, client: paramiko.SFTPClient) -> StatusReply:
+        """Read replies off ``client`` until this one has arrived.
+
+        :returns: self.
+        :raises OSError, paramiko.SSHException: the exchange failed, or the server answered no status.
+        """
+        while self.packet is None:
+            client._read_response()  # hands each reply to the StatusReply filed for it
+        return self
+
+    def _async_response(self, kind: int, message: paramiko.Message, number: int) -> None:
+        """paramiko's hook: the reply to this request has arrived."""
+        if kind != CMD_STATUS:
+            raise paramiko.SSHException(f"expected an SFTP status reply, got packet type {kind}")
+        self.packet = message.get_remainder()
+
+    @property
+    def status(self) -> int:
+        """The server's status code (``STATUS_…``; 0 is OK)."""
+        if self.packet is None:
+            raise RuntimeError("the reply has not arrived: wait for it first")
+        return paramiko.Message(self.packet).get_int()
+
+    def raise_unless_ok(self, client: paramiko.SFTPClient) -> None:
+        """Raise what paramiko raises for this status (FileNotFoundError, PermissionError, OSError with
+        the server's text, EOFError); nothing for OK."""
+        if self.packet is None:
+            raise RuntimeError("the reply has not arrived: wait for it first")
+        client._convert_status(paramiko.Message(self.packet))
+
+
+def send_write(client: paramiko.SFTPClient, remote_file: paramiko.SFTPFile, offset: int,
+               data: bytes) -> StatusReply:
+    """Send a write of ``data`` at ``offset`` into ``remote_file`` (opened on ``client``), not waiting.
+
+    :returns: its reply, to ``wait`` for.
+    :raises OSError, EOFError, paramiko.SSHException: the request could not be sent.
+    """
+    return StatusReply.send(client, CMD_WRITE, remote_file.handle, int64(offset), data)
+
+
+def posix_rename(client: paramiko.SFTPClient, old: str, new: str) -> StatusReply:
+    """Rename ``old`` to ``new`` with posix-rename@openssh.com, which replaces ``new`` in one step.
+
+    :returns: the arrived reply: ``STATUS_OP_UNSUPPORTED`` from a server without the extension.
+    :raises OSError, EOFError, paramiko.SSHException: the exchange failed.
+    """
+    return StatusReply.request(client, CMD_EXTENDED, "posix-rename@openssh.com", old, new)
+
+
+def plain_rename(client: paramiko.SFTPClient, old: str, new: str) -> StatusReply:
+    """Rename ``old`` to ``new`` with SFTP v3's rename, which many servers refuse over an existing ``new``.
+
+    :returns: the arrived reply: ``STATUS_FAILURE`` or ``STATUS_FILE_ALREADY_EXISTS`` for an existing ``new``.
+    :raises OSError, EOFError, paramiko.SSHException: the exchange failed.
+    """
+    return StatusReply.request(client, CMD_RENAME, old, new)
+
+
+class PipeChannel:
+    """An ``ssh -s … sftp`` child's pipes with the face of the SSH channel that an ``SFTPClient`` speaks
+    over: send, recv, recv_ready, settimeout, get_name and close."""
+
+    def __init__(self, process: subprocess.Popen, timeout: float | None):
+        self._process = process
+        self._out = process.stdin.fileno()
+        self._in = process.stdout.fileno()
+        self._timeout = timeout
+        for fd in (self._out, self._in):
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+
+    def settimeout(self, timeout: float | None) -> None:
+        """Limit each wait for the child's output to ``timeout`` seconds (None: no limit)."""
+        self._timeout = timeout
+
+    def get_name(self) -> str:
+        """The name paramiko's log lines give the channel."""
+        return "ssh"
+
+    def send(self, data: bytes) -> int:
+        """Write to the child; return the bytes written, 0 once it is gone (paramiko raises EOFError)."""
+        try:
+            return os.write(self._out, data)
+        except BrokenPipeError:
+            return 0
+
+    def recv(self, size: int) -> bytes:
+        """Read up to ``size`` bytes from the child; b"" at its end.
+
+        :raises TimeoutError: nothing came within the timeout.
+        """
+        if self._timeout is not None:
+            ready, _, _ = select.select([self._in], [], [], self._timeout)
+            if not ready:
+                raise TimeoutError("timed out")
+        return os.read(self._in, size)
+
+    def recv_ready(self) -> bool:
+        """Whether ``recv`` would return at once."""
+        return bool(select.select([self._in], [], [], 0)[0])
+
+    def close(self) -> None:
+        """End the child: close its pipes, then wait briefly, then kill it."""
+        for stream in (self._process.stdin, self._process.stdout):
+            with contextlib.suppress(OSError):
+                stream.close()
+        try:
+            self._process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+
+def sftp_over_pipe(channel: PipeChannel) -> paramiko.SFTPClient:
+    """Speak SFTP's version exchange over ``channel``.
+
+    :returns: the client, ready for requests.
+    :raises OSError, EOFError, paramiko.SSHException: the child ended or answered no SFTP.
+    """
+    return paramiko.SFTPClient(channel)
