@@ -9,36 +9,44 @@ keys (Fernet, SSH), ledger, broker, SFTP. Nothing is written anywhere before the
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from broker_sftp_uploader.state.atomic import leftover_temp_files
+from broker_sftp_uploader.broker.client import BrokerClient, broker_client
+from broker_sftp_uploader.concurrency import Cancellation, Cancelled, in_background
 from broker_sftp_uploader.config import Config
 from broker_sftp_uploader.crypto import load_keys
-from broker_sftp_uploader.errors import EXIT_LOCKED, EXIT_USAGE, UploaderError
-from broker_sftp_uploader.state.journal import JOURNAL_SUFFIX, PartialsJournal
-from broker_sftp_uploader.state.ledger import Ledger, LedgerEntry
-from broker_sftp_uploader.state.lock import RunLock
-from broker_sftp_uploader.engine.progress import Progress
-from broker_sftp_uploader.engine.report import Report, report_document, write_last_run, write_metrics
-from broker_sftp_uploader.broker.client import broker_client
-from broker_sftp_uploader.sftp.transport import sftp_connection
+from broker_sftp_uploader.engine.apply import Applier, run_cancellation
 from broker_sftp_uploader.engine.plan import (
     DeletionGuard,
     Plan,
     add_uploads,
+    fetch_completions,
+    ledger_copy_due,
     ledger_digest_path,
-    ledger_needs_upload,
     list_requests,
     plan_requests,
     plan_sync,
 )
+from broker_sftp_uploader.engine.progress import Progress
+from broker_sftp_uploader.engine.report import (
+    LAST_RUN_FILE,
+    Report,
+    report_document,
+    write_last_run,
+    write_metrics,
+)
+from broker_sftp_uploader.errors import EXIT_LOCKED, EXIT_USAGE, UploaderError
+from broker_sftp_uploader.sftp.transport import sftp_connection
+from broker_sftp_uploader.state.atomic import leftover_temp_files
+from broker_sftp_uploader.state.journal import JOURNAL_SUFFIX, PartialsJournal
+from broker_sftp_uploader.state.ledger import Ledger, LedgerEntry
+from broker_sftp_uploader.state.lock import RunLock
 
 if TYPE_CHECKING:
     from broker_sftp_uploader.sftp.connection import SftpConnection
@@ -112,69 +120,93 @@ def run_sync(config: Config, options: SyncOptions = SyncOptions(), *, show: Call
              progress: Progress | None = None) -> Report:
     """Synchronise the broker's tagged results to the SFTP server as ``config`` says.
 
-    With ``options.dry_run`` the plan is passed line by line to ``show`` and nothing is changed
-    anywhere (no lock file, no export on the broker, no ledger write; ``--repair`` only lists the
-    server's folder).
+    The run, top down: lock, load, plan, apply, report. With ``options.dry_run`` the plan is passed
+    line by line to ``show`` and nothing is changed anywhere (no lock file, no export on the broker,
+    no ledger write; ``--repair`` only lists the server's folder).
 
     :raises UploaderError: a failure that stops the whole run (lock, key, ledger, broker, SFTP connect).
     """
-    deadline = time.monotonic() + config.run_timeout
-    dry_run = options.dry_run
-    lock = contextlib.nullcontext() if dry_run else RunLock(config.working_dir)
-    with lock:
-        journal_path = config.ledger_path.with_name(config.ledger_path.name + JOURNAL_SUFFIX)
-        if not dry_run:
-            remove_stale_temp_files([config.ledger_path, ledger_digest_path(config.ledger_path),
-                                     config.sftp.known_hosts, journal_path])
-        key = load_keys(config.key_path)[0]
-        ledger = Ledger.load(config.ledger_path)
-        journal = None if dry_run else PartialsJournal(journal_path)
-        # A private key is loaded now, so that a bad one stops the run before it does anything.
-        sftp = sftp_connection(config, journal, deadline) if config.sftp.private_key is not None else None
-        opening = None
+    deadline = config.run_deadline()
+    cancellation = run_cancellation(deadline)
+    with _lock(config, options.dry_run):
+        key, ledger, journal = _load(config, options.dry_run)
+        login = SftpLogin(config, journal, deadline, cancellation)
         try:
             with broker_client(config, deadline) as broker:
-                ids = list_requests(broker, config.broker.tag)
-                entries = ledger.entries()
-                if not dry_run and (options.repair or _certainly_work(ids, entries, options)
-                                    or (journal is not None and journal.leftovers())):
-                    # Log in while the status calls run: the run will need the connection anyway.
-                    sftp = sftp or sftp_connection(config, journal, deadline)
-                    opening = _Opening(sftp)
-                listing = broker.get_completions(ids)
-                if options.repair and dry_run:
-                    sftp = sftp or sftp_connection(config, journal, deadline)
-                    opening = _Opening(sftp)
-                plan = _plan(config, options, listing, entries, opening and (lambda: _remote_files(sftp, opening)))
-                ledger_upload = config.sftp.upload_ledger and ledger_needs_upload(config.ledger_path)
-                if dry_run:
-                    _show_plan(plan, config.sftp.upload_ledger and (bool(plan.actions) or ledger_upload), show)
+                cancellation.on_cancel(broker.close)  # when the run stops, the broker calls in flight are cut
+                plan = _plan(config, options, broker, ledger.entries(), journal, login, cancellation)
+                if options.dry_run:
+                    _show_plan(plan, ledger_copy_due(config.sftp.upload_ledger, config.ledger_path,
+                                                     changes_planned=bool(plan.actions)), show)
                     return Report(unchanged=plan.unchanged, refusal=plan.refusal())
-                leftovers = journal is not None and journal.leftovers()
-                if not plan.actions and not leftovers and not ledger_upload:
+                if _nothing_to_do(config, plan, journal):
                     logger.info("nothing to do: %d request(s) unchanged", plan.unchanged)
                     return Report(unchanged=plan.unchanged, refusal=plan.refusal())
-                from broker_sftp_uploader.engine.apply import SyncRunner
-
-                sftp = sftp or sftp_connection(config, journal, deadline)
-                opening = opening or _Opening(sftp)
-                runner = SyncRunner(broker, sftp, ledger, key, upload_ledger=config.sftp.upload_ledger,
-                                    deadline=deadline, workers=config.sftp.parallel_uploads,
-                                    progress=progress)
-                if progress is not None:
-                    progress.planned = len(plan.uploads)
-                report = runner.run(plan, connected=opening.wait)
+                report = _apply(config, plan, broker, ledger, key, login, cancellation, progress)
+        except BaseException as stopped:
+            cancellation.cancel(stopped)  # stops what still runs for the run (a login in the background)
+            raise
         finally:
-            if sftp is not None:
-                sftp.close()
+            login.close()
             if journal is not None:
                 journal.close()
     logger.info("%s", report.summary())
     return report
 
 
-def _plan(config: Config, options: SyncOptions, listing: dict[str, str], entries: dict[str, LedgerEntry],
-          remote_files: Callable[[], dict[str, int]] | None) -> Plan:
+def _lock(config: Config, dry_run: bool) -> contextlib.AbstractContextManager:
+    """The run lock, or nothing for a dry run (it writes nothing). Entering raises ``LockedError``."""
+    return contextlib.nullcontext() if dry_run else RunLock(config.working_dir)
+
+
+def _load(config: Config, dry_run: bool) -> tuple[bytes, Ledger, PartialsJournal | None]:
+    """Remove the temp files a killed run left, then load the Fernet key, the ledger and the journal of
+    partial uploads. A dry run removes nothing and gets no journal (it writes nothing).
+
+    :raises KeyFileError: the key file is missing or invalid.
+    :raises LedgerError: the ledger cannot be read.
+    """
+    journal_path = config.ledger_path.with_name(config.ledger_path.name + JOURNAL_SUFFIX)
+    if not dry_run:
+        reports = [config.working_dir / LAST_RUN_FILE, *([config.metrics_file] if config.metrics_file else [])]
+        remove_stale_temp_files([config.ledger_path, ledger_digest_path(config.ledger_path),
+                                 config.sftp.known_hosts, journal_path, *reports])
+    key = load_keys(config.key_path)[0]
+    ledger = Ledger.load(config.ledger_path)
+    return key, ledger, None if dry_run else PartialsJournal(journal_path)
+
+
+def _plan(config: Config, options: SyncOptions, broker: BrokerClient, entries: dict[str, LedgerEntry],
+          journal: PartialsJournal | None, login: SftpLogin, cancellation: Cancellation) -> Plan:
+    """Ask the broker for the tagged requests and their completions, and plan the run.
+
+    A run that will certainly work on the server starts the SFTP login right after the listing, so the
+    login runs while the status calls do.
+
+    :raises BrokerError: the broker failed.
+    :raises RequestNotListedError: ``--request`` named a request the broker does not list.
+    :raises SftpError: ``--repair`` could not list the server's folder.
+    """
+    ids = list_requests(broker, config.broker.tag)
+    if journal is not None and _server_work_certain(ids, entries, options, journal):  # None: a dry run
+        login.start()
+    listing = fetch_completions(broker, ids, config.broker.concurrency, cancellation)
+    return _choose_plan(config, options, listing, entries, login)
+
+
+def _server_work_certain(ids: Sequence[str], entries: dict[str, LedgerEntry], options: SyncOptions,
+                         journal: PartialsJournal) -> bool:
+    """True when the run will work on the server whatever the status calls answer: ``--repair``, partial
+    files a killed run left, or a listed request that is new, listed again after deletion, or asked for."""
+    if options.repair or journal.leftovers():
+        return True
+    if options.requests:
+        return any(request_id in ids for request_id in options.requests)
+    return any(entries.get(request_id) is None or entries[request_id].is_deleted for request_id in ids)
+
+
+def _choose_plan(config: Config, options: SyncOptions, listing: dict[str, str],
+                 entries: dict[str, LedgerEntry], login: SftpLogin) -> Plan:
     """The run's plan: the normal one, the one-off ``--request`` one, and ``--repair``'s additions."""
     if options.requests:
         missing = [request_id for request_id in options.requests if request_id not in listing]
@@ -187,10 +219,10 @@ def _plan(config: Config, options: SyncOptions, listing: dict[str, str], entries
     if not listing and plan.live:
         logger.warning("the broker lists no request tagged %r while the ledger has %d live file(s); "
                        "check REQUESTS.TAG", config.broker.tag, plan.live)
-    if options.repair and remote_files is not None:
+    if options.repair:
         from broker_sftp_uploader.engine.audit import compare_remote
 
-        comparison = compare_remote(entries, remote_files())
+        comparison = compare_remote(entries, login.connection().main.list_sizes())
         for request_id, name in comparison.missing:
             logger.warning("%s (request %s) is missing on the server", name, request_id)
         for wrong in comparison.wrong_size:
@@ -201,9 +233,26 @@ def _plan(config: Config, options: SyncOptions, listing: dict[str, str], entries
     return plan
 
 
-def _remote_files(sftp: SftpConnection, opening: _Opening) -> dict[str, int]:
-    opening.wait()
-    return sftp.main.list_sizes()
+def _nothing_to_do(config: Config, plan: Plan, journal: PartialsJournal) -> bool:
+    """True when the run need not connect: no action, no partial file to remove, no ledger copy due."""
+    return (not plan.actions and not journal.leftovers()
+            and not ledger_copy_due(config.sftp.upload_ledger, config.ledger_path))
+
+
+def _apply(config: Config, plan: Plan, broker: BrokerClient, ledger: Ledger, key: bytes, login: SftpLogin,
+           cancellation: Cancellation, progress: Progress | None) -> Report:
+    """Carry out ``plan`` (``engine/apply.py``) and return what was done. A login not begun yet starts now,
+    so the parallel uploads' exports overlap it.
+
+    :raises LedgerError: the ledger could not be saved.
+    :raises SftpError: the login failed.
+    """
+    login.start()
+    if progress is not None:
+        progress.planned = len(plan.uploads)
+    applier = Applier(broker, login.connection, ledger, key, upload_ledger=config.sftp.upload_ledger,
+                      workers=config.sftp.parallel_uploads, progress=progress, cancellation=cancellation)
+    return applier.run(plan)
 
 
 def remove_stale_temp_files(files: list[Path]) -> None:
@@ -216,33 +265,62 @@ def remove_stale_temp_files(files: list[Path]) -> None:
         leftover.unlink(missing_ok=True)
 
 
-def _certainly_work(ids: list[str], entries: dict[str, LedgerEntry], options: SyncOptions) -> bool:
-    """True when some listed request is new or listed again (or asked for): it will be uploaded."""
-    if options.requests:
-        return any(request_id in ids for request_id in options.requests)
-    return any(entries.get(request_id) is None or entries[request_id].is_deleted for request_id in ids)
+class SftpLogin:
+    """The run's SFTP connection, logged in at most once, on a thread of its own when started early.
 
+    The run's one deliberate overlap: ``start`` begins the login in the background, so that it runs
+    while the main thread waits for the broker's status calls (and the parallel uploads' exports);
+    ``connection`` waits for it, starting it first if nobody did.
+    """
 
-class _Opening:
-    """Connects (and logs in) in a thread of its own while the main thread goes on."""
+    def __init__(self, config: Config, journal: PartialsJournal | None, deadline: float,
+                 cancellation: Cancellation):
+        """Load ``SFTP.PRIVATE_KEY`` now, so that a bad key stops the run before it does anything.
 
-    def __init__(self, sftp: SftpConnection):
-        self._sftp = sftp
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._connect, name="sftp-connect", daemon=True)
-        self._thread.start()
+        :raises KeyFileError: the private key is missing, unreadable or locked with another passphrase.
+        """
+        self._config = config
+        self._journal = journal
+        self._deadline = deadline
+        self._cancellation = cancellation
+        self._sftp = None
+        if config.sftp.private_key is not None:
+            self._sftp = sftp_connection(config, journal, deadline)
+        self._login: Future[SftpConnection] | None = None
 
-    def _connect(self) -> None:
+    def start(self) -> None:
+        """Begin logging in, in the background (once; later calls do nothing)."""
+        if self._login is None:
+            self._login = in_background(self._log_in, name="sftp-login")
+
+    def _log_in(self) -> SftpConnection:
+        # paramiko is imported here, in the background too (a tenth of a second the status calls go on).
+        sftp = self._sftp = self._sftp or sftp_connection(self._config, self._journal, self._deadline)
+        # The waits between connect attempts end early when the run stops.
+        return sftp.connect(self._deadline, sleep=self._cancellation.sleep)
+
+    def connection(self) -> SftpConnection:
+        """The logged-in connection, waiting for the login (and starting it if nobody did).
+
+        :raises SftpError: the login failed (unreachable, host key, refused, folder missing, out of time).
+        """
+        self.start()
+        assert self._login is not None
         try:
-            self._sftp.connect(self._sftp.deadline)
-        except BaseException as error:  # noqa: BLE001 - raised in the main thread by wait()
-            self._error = error
+            return self._login.result()
+        except Cancelled as cancelled:  # the run stopped during the login: for that reason
+            raise cancelled.reason or cancelled from None
 
-    def wait(self) -> None:
-        """Wait for the connection; raise (a copy of, in each thread its own) what connecting raised."""
-        self._thread.join()
-        if self._error is not None:
-            raise copy.copy(self._error).with_traceback(self._error.__traceback__)
+    def close(self) -> None:
+        """Close the connection; a login still running is closed when it ends."""
+        if self._login is None:
+            self._close_connection()
+        else:
+            self._login.add_done_callback(lambda _login: self._close_connection())
+
+    def _close_connection(self) -> None:
+        if self._sftp is not None:
+            self._sftp.close()
 
 
 def _show_plan(plan: Plan, ledger_note: bool, show: Callable[[str], None]) -> None:

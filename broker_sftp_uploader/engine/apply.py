@@ -1,46 +1,51 @@
 """Carrying out a plan: deletions, then uploads (several at once), then the ledger copy on the server.
 
 Each upload is one stream: broker download -> Fernet encryption -> SFTP upload, with bounded buffers;
-nothing is held whole in memory and nothing is written to the local disk. With ``workers`` > 1,
-that many uploads run at once, each in a thread with its own SFTP session (a channel of the one SSH
-connection) and its own keep-alive broker connection.
+nothing but a small result (``IN_MEMORY_RESULT``) is held whole in memory and nothing is written to the
+local disk. With ``workers`` > 1, that many uploads run at once on a thread pool (``concurrency.Workers``),
+each on an SFTP session of its own (a channel of the one SSH connection) and its own keep-alive broker
+connection, while up to ``EXPORTS_PER_SESSION`` times as many exports and downloads of small results run
+ahead of them.
 
-Every completed action is recorded in the ledger, and the ledger saved, by the main thread alone, as
-soon as the action completes: a crash loses at most the actions in flight, which the next run repeats
-(their partial files are in the journal). An interrupt (Ctrl-C, SIGTERM) stops the workers between
-two SFTP writes; each removes its partial file, and the actions completed meanwhile are recorded
-before the interrupt goes on.
+Every action applies itself at a ``Site`` (``plan.py``) in whichever thread runs it; its outcome is
+recorded in the ledger, and the ledger saved, by the main thread alone, as soon as the action
+completes: a crash loses at most the actions in flight, which the next run repeats (their partial
+files are in the journal). The run's ``Cancellation`` stops the workers between two SFTP writes, each
+removing its partial file: an interrupt (Ctrl-C, SIGTERM) or a worker's failure stops the run, and
+the actions completed meanwhile are recorded before it goes on; the run's time limit makes every
+action not done by then fail, and the run ends normally with its report.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
-import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
-from broker_sftp_uploader.state.atomic import atomic_write
 from broker_sftp_uploader.broker.client import BrokerClient
+from broker_sftp_uploader.concurrency import Cancellation, Cancelled, Workers
 from broker_sftp_uploader.crypto import EncryptingReader, encrypted_size
-from broker_sftp_uploader.errors import BrokerError, LedgerError, UploaderError
-from broker_sftp_uploader.state.ledger import Ledger
-from broker_sftp_uploader.engine.prefetch import Prefetcher
-from broker_sftp_uploader.engine.progress import Progress
-from broker_sftp_uploader.engine.report import ActionResult, Report
 from broker_sftp_uploader.engine.plan import (
     LEDGER_REMOTE_NAME,
     Delete,
     Plan,
     Upload,
+    ledger_copy_due,
     ledger_digest_path,
-    ledger_needs_upload,
 )
+from broker_sftp_uploader.engine.prefetch import Prefetcher
+from broker_sftp_uploader.engine.progress import Progress
+from broker_sftp_uploader.engine.report import ActionResult, Report
+from broker_sftp_uploader.errors import BrokerError, LedgerError, UploaderError
+from broker_sftp_uploader.state.atomic import atomic_write
+from broker_sftp_uploader.state.ledger import Ledger
 
 if TYPE_CHECKING:  # sftp (paramiko) is imported only by a run that connects
     from broker_sftp_uploader.sftp.connection import SftpConnection
@@ -48,295 +53,350 @@ if TYPE_CHECKING:  # sftp (paramiko) is imported only by a run that connects
 
 logger = logging.getLogger(__name__)
 
-# After an interrupt, how long the workers get to stop and remove their partial files.
-STOP_GRACE = 30.0
 # Below this size a result is read and sent in a few pieces: a read-ahead thread would cost more than
 # the overlap it buys.
 SMALL_RESULT = 4 * 1024 * 1024
+# A result up to this size is downloaded and encrypted whole before its upload takes an SFTP session, so
+# that more results are exported at once than there are sessions: a first run over many small results
+# waits mostly for the broker (an export and a download, two round trips each), not for the SFTP server.
+# Memory: this much and its token (a third more) per worker, at most.
+IN_MEMORY_RESULT = 256 * 1024
+EXPORTS_PER_SESSION = 3  # upload workers per SFTP session, within BROKER.CONCURRENCY
+# A larger result's download starts again once its session is free (the broker would drop a download
+# left waiting that long); its link lives 10 minutes from the export, so an older one is exported anew.
+LINK_REUSE = 5 * 60.0
 
 
 def _utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-class _Stopped(Exception):
-    """A worker gave up an action because the run is being interrupted."""
+class OutOfTime(BrokerError):
+    """The run reached MISC.RUN_TIMEOUT: what was not done by then fails, and the next run does it."""
+
+    def __init__(self) -> None:
+        super().__init__("the run reached its time limit (MISC.RUN_TIMEOUT) before this action; "
+                         "the next run does it")
+
+
+def run_cancellation(deadline: float | None) -> Cancellation:
+    """The cancellation of a run that must end by ``deadline`` (a ``time.monotonic()`` value; None: never),
+    which counts as cancelled with ``OutOfTime`` from then on."""
+    return Cancellation(deadline, expired=OutOfTime)
 
 
 class _NoSession(Exception):
-    """The server refused a worker another SFTP session (e.g. OpenSSH's MaxSessions)."""
-
-    def __init__(self, error: UploaderError):
-        super().__init__(str(error))
-        self.error = error
+    """The server gave the upload workers no SFTP session at all (e.g. OpenSSH's MaxSessions)."""
 
 
-class SyncRunner:
-    """Applies a plan with a broker client, an open SFTP connection and the ledger."""
+@dataclass(frozen=True)
+class _Outcome:
+    """How one action went, for the main thread to record.
 
-    def __init__(self, broker: BrokerClient, sftp: SftpConnection, ledger: Ledger, key: bytes,
-                 upload_ledger: bool = True, now: Callable[[], datetime] = _utc_now,
-                 deadline: float | None = None, workers: int = 1, progress: Progress | None = None):
-        self.deadline = deadline
-        self.progress = progress or Progress()
+    ``state``: ``done`` (``size`` bytes), ``failed`` (``error``), ``stopped`` by the run's cancellation
+    (the run is ending: nothing to record), or ``deferred`` to the main session (no session for a worker).
+    """
+
+    action: Delete | Upload
+    state: str
+    size: int = 0
+    seconds: float = 0.0
+    error: UploaderError | None = None
+
+
+class Applier:
+    """Applies a plan with a broker client, the SFTP connection and the ledger (see ``run``).
+
+    :param connect: returns the logged-in SFTP connection, waiting for the login if it runs in the
+        background (parallel uploads start their exports before that, so login and exports overlap).
+    :param cancellation: the run's (see ``run_cancellation``); the default never cancels by itself.
+    """
+
+    def __init__(self, broker: BrokerClient, connect: Callable[[], SftpConnection], ledger: Ledger,
+                 key: bytes, *, upload_ledger: bool = True, workers: int = 1,
+                 progress: Progress | None = None, cancellation: Cancellation | None = None,
+                 now: Callable[[], datetime] = _utc_now):
         self.broker = broker
-        self.sftp = sftp
+        self.connect = connect
         self.ledger = ledger
         self.key = key
         self.upload_ledger = upload_ledger
-        self.now = now
         self.workers = workers
+        self.progress = progress or Progress()
+        self.cancellation = cancellation or run_cancellation(None)
+        self.now = now
+        self._connection: SftpConnection | None = None  # once logged in
+        self._main: _Site | None = None  # the main session's site, once logged in
 
-    def run(self, plan: Plan, connected: Callable[[], None] = lambda: None) -> Report:
-        """Do every action of ``plan``, recording each; then upload the ledger if it changed.
-
-        ``connected`` waits until the SFTP connection is up (raising what connecting raised): parallel
-        uploads start their exports before that, so the login and the broker's work overlap.
+    def run(self, plan: Plan) -> Report:
+        """Do every action of ``plan``, recording each; then upload the ledger copy if it is due.
 
         :raises LedgerError: the ledger cannot be saved (the run stops: nothing more can be recorded).
-        :raises UploaderError: what ``connected`` raised.
+        :raises UploaderError: the SFTP login failed.
+        :raises BaseException: an interrupt, or a worker's bug, after the completed actions were recorded.
         """
         report = Report(unchanged=plan.unchanged, refusal=plan.refusal())
-        report.actions.extend(ActionResult(action.request_id, "delete", "vanished", "refused",
+        report.actions.extend(ActionResult(action.request_id, action.kind, action.reason, "refused",
                                            error="mass-deletion guard") for action in plan.refused)
         if self.workers > 1 and len(plan.uploads) > 1:
-            self._upload_in_parallel(plan, report, connected)
+            self._apply_in_parallel(plan, report)
         else:
-            self._before_uploads(plan, report, connected)
-            for action in plan.uploads:
-                self._attempt(report, action, lambda action=action: self._finish_upload(
-                    action, self._upload(lambda: self.sftp.main, action)))
-        if self.upload_ledger and self.ledger_needs_upload():
-            started = time.monotonic()
-            try:
-                size = self._upload_ledger()
-                report.ledger_uploaded = True
-                report.actions.append(ActionResult(None, "ledger", None, "done", size, time.monotonic() - started))
-            except UploaderError as error:
-                logger.error("ledger upload: %s", error)
-                report.failures.append((LEDGER_REMOTE_NAME, error))
-                report.actions.append(ActionResult(None, "ledger", None, "failed",
-                                                   seconds=time.monotonic() - started, error=str(error)))
+            self._apply_one_at_a_time(plan, report)
+        if ledger_copy_due(self.upload_ledger, self.ledger.path):
+            self._upload_ledger_copy(report)
         return report
 
-    def _before_uploads(self, plan: Plan, report: Report, connected: Callable[[], None]) -> None:
-        """Main thread: wait for the connection, remove a killed run's partial files, delete."""
-        connected()
-        self.sftp.remove_leftover_parts()
-        for action in plan.deletes:
-            self._attempt(report, action, lambda action=action: self._delete(action))
+    def _apply_one_at_a_time(self, plan: Plan, report: Report) -> None:
+        """Everything in this thread on the main session."""
+        main = self._connect()
+        for action in plan.actions:
+            self._record(report, [self._attempt(action, main)])
 
-    def _out_of_time(self) -> BrokerError | None:
-        if self.deadline is not None and time.monotonic() >= self.deadline:
-            return BrokerError("the run reached its time limit (MISC.RUN_TIMEOUT) before this action; "
-                               "the next run does it")
-        return None
+    def _apply_in_parallel(self, plan: Plan, report: Report) -> None:
+        """The uploads on up to ``workers`` threads; meanwhile this thread waits for the login, deletes,
+        then records the uploads as they complete (one ledger save for all completed meanwhile).
 
-    def _attempt(self, report: Report, action: Delete | Upload, work: Callable[[], int | None]) -> None:
-        """Run one action in this thread and note its outcome in ``report``."""
+        A worker takes an SFTP session once its download has begun, so the exports overlap the login.
+        """
+        sessions = _Sessions(self.cancellation, limit=self.workers)
+        in_worker = _Site(self, sessions.lend)
+        exports = max(self.workers, min(self.workers * EXPORTS_PER_SESSION, self.broker.concurrency))
+        uploads = Workers(lambda action: self._attempt(action, in_worker), plan.uploads, exports,
+                          self.cancellation, name="upload")
+        deferred: list[Upload] = []
+        try:
+            with sessions, uploads:  # leaving by an exception cancels the uploads and waits for them a while
+                main = self._connect()
+                sessions.serve(self._connection)
+                for action in plan.deletes:
+                    self._record(report, [self._attempt(action, main)])
+                for batch in uploads.batches():
+                    self._record(report, batch)
+                    deferred += [outcome.action for outcome in batch if outcome.state == "deferred"]
+        except LedgerError:
+            raise  # nothing more can be recorded
+        except BaseException:
+            # Record what completed meanwhile: only the uploads in flight are lost. (A batch whose recording
+            # the interrupt cut short comes again: recording an upload twice changes nothing.) The failures
+            # are not told: most are downloads the stop itself cut.
+            completed = [outcome for outcome in uploads.arrived_meanwhile() if outcome.state == "done"]
+            self._record(report, completed)
+            raise
+        reason = self.cancellation.reason
+        if reason is not None and not isinstance(reason, OutOfTime):
+            raise reason  # a worker's bug: its traceback goes out
+        # Left for want of a worker session, or not started before the time limit (then they fail here).
+        for action in sorted(deferred + uploads.not_started(), key=lambda upload: int(upload.request_id)):
+            self._record(report, [self._attempt(action, main)])
+
+    def _connect(self) -> _Site:
+        """Wait for the login, remove the partial files a killed run left; return the main session's site."""
+        connection = self._connection = self.connect()
+        connection.remove_leftover_parts()
+        self._main = _Site(self, lambda: contextlib.nullcontext(connection.main))
+        return self._main
+
+    def _attempt(self, action: Delete | Upload, site: _Site) -> _Outcome:
+        """Apply ``action`` at ``site`` unless the run is being cancelled (any thread); return its outcome."""
         started = time.monotonic()
         try:
-            late = self._out_of_time()
-            if late is not None:
-                raise late
-            size = work()
+            self.cancellation.check()
+            size = action.apply(site)
+        except Cancelled:
+            reason = self.cancellation.reason
+            if isinstance(reason, OutOfTime):
+                return _Outcome(action, "failed", seconds=time.monotonic() - started, error=reason)
+            return _Outcome(action, "stopped")
+        except _NoSession:
+            return _Outcome(action, "deferred")
         except UploaderError as error:
-            if isinstance(error, LedgerError):  # nothing more could be recorded
-                raise
-            self._failed(report, action, error, time.monotonic() - started)
+            return _Outcome(action, "failed", seconds=time.monotonic() - started, error=error)
+        return _Outcome(action, "done", size, time.monotonic() - started)
+
+    def _record(self, report: Report, outcomes: list[_Outcome]) -> None:
+        """Main thread: record the completed actions among ``outcomes`` with one ledger save, then note
+        every outcome in ``report`` (and tidy up after the completed uploads).
+
+        :raises LedgerError: the ledger cannot be saved.
+        """
+        done = [outcome for outcome in outcomes if outcome.state == "done"]
+        for outcome in done:
+            outcome.action.record(self.ledger, self.now(), outcome.size)
+        if done:
+            self.ledger.save()
+        for outcome in outcomes:
+            action = outcome.action
+            if outcome.state == "done":
+                (report.deleted if action.kind == "delete" else report.uploaded).append(action.request_id)
+                report.actions.append(ActionResult(action.request_id, action.kind, action.reason, "done",
+                                                   outcome.size, outcome.seconds))
+                assert self._main is not None  # an action completed, so the login did
+                action.tidy_up(self._main)
+            elif outcome.state == "failed":
+                assert outcome.error is not None
+                logger.error("request %s: %s", action.request_id, outcome.error)
+                report.failures.append((action.request_id, outcome.error))
+                report.actions.append(ActionResult(action.request_id, action.kind, action.reason, "failed",
+                                                   seconds=outcome.seconds, error=str(outcome.error)))
+
+    def _upload_ledger_copy(self, report: Report) -> None:
+        """Upload the ledger as ``status.xml`` and remember its digest; a failure is reported, not raised."""
+        started = time.monotonic()
+        try:
+            content = self.ledger.path.read_bytes()
+            self._connection.upload(io.BytesIO(content), LEDGER_REMOTE_NAME, len(content))
+            with atomic_write(ledger_digest_path(self.ledger.path), mode=0o644) as handle:
+                handle.write(hashlib.sha256(content).hexdigest().encode("ascii") + b"\n")
+        except UploaderError as error:
+            logger.error("ledger upload: %s", error)
+            report.failures.append((LEDGER_REMOTE_NAME, error))
+            report.actions.append(ActionResult(None, "ledger", None, "failed",
+                                               seconds=time.monotonic() - started, error=str(error)))
             return
-        self._done(report, action, size or 0, time.monotonic() - started)
+        logger.info("uploaded the ledger as %s", LEDGER_REMOTE_NAME)
+        report.ledger_uploaded = True
+        report.actions.append(ActionResult(None, "ledger", None, "done", len(content),
+                                           time.monotonic() - started))
 
-    @staticmethod
-    def _done(report: Report, action: Delete | Upload, size: int, seconds: float) -> None:
-        is_delete = isinstance(action, Delete)
-        (report.deleted if is_delete else report.uploaded).append(action.request_id)
-        report.actions.append(ActionResult(action.request_id, "delete" if is_delete else "upload",
-                                           "vanished" if is_delete else action.reason, "done", size, seconds))
 
-    @staticmethod
-    def _failed(report: Report, action: Delete | Upload, error: UploaderError, seconds: float = 0.0) -> None:
-        logger.error("request %s: %s", action.request_id, error)
-        report.failures.append((action.request_id, error))
-        is_delete = isinstance(action, Delete)
-        report.actions.append(ActionResult(action.request_id, "delete" if is_delete else "upload",
-                                           "vanished" if is_delete else action.reason, "failed",
-                                           seconds=seconds, error=str(error)))
+class _Site:
+    """Where actions apply themselves: the broker's results, and an SFTP session from ``session()``."""
 
-    def _delete(self, action: Delete) -> None:
-        logger.info("%s", action.describe())
-        self.sftp.remove(action.remote_name)
-        self.ledger.record_deletion(action.request_id, self.now())
-        self.ledger.save()
+    def __init__(self, applier: Applier,
+                 session: Callable[[], contextlib.AbstractContextManager[SftpSession]]):
+        self._applier = applier
+        self._session = session
 
-    def _upload(self, session_for_upload: Callable[[], SftpSession], action: Upload) -> int:
+    def remove(self, name: str, quiet: bool = False) -> bool:
+        """``SftpSession.remove`` on this site's session."""
+        with self._session() as session:
+            return session.remove(name, quiet)
+
+    def send_result(self, request_id: str, file_name: str) -> int:
         """Export, download, encrypt and upload one request's result; return the bytes uploaded.
 
-        ``session_for_upload`` is asked once the download has started (it may wait for the login).
+        The session is taken once the download has begun (a worker's may wait for the login or for a
+        free session): a result of up to ``IN_MEMORY_RESULT`` is read and encrypted whole before; a larger
+        one is downloaded again, from the same link, once the session is there.
         """
-        logger.info("%s", action.describe())
-        with self.broker.open_result(action.request_id) as result:
-            session = session_for_upload()
-            encrypting = EncryptingReader(result, self.key)
-            size = encrypted_size(result.size) if result.size is not None else None
-            transfer = self.progress.start(action.file_name, size)
-            try:
+        broker = self._applier.broker
+        link = broker.export_result(request_id)
+        exported = time.monotonic()
+        with broker.open_download(request_id, link) as result:
+            token = None
+            if result.size is not None and result.size <= IN_MEMORY_RESULT:
+                token = EncryptingReader(result, self._applier.key).read()
+        with self._session() as session:
+            if token is not None:
+                return self._upload(session, request_id, file_name, io.BytesIO(token), len(token))
+            if time.monotonic() - exported > LINK_REUSE:
+                link = broker.export_result(request_id)
+            with broker.open_download(request_id, link) as result:
+                encrypting = EncryptingReader(result, self._applier.key)
+                size = encrypted_size(result.size) if result.size is not None else None
                 if size is not None and size <= SMALL_RESULT:
-                    uploaded = session.upload(encrypting, action.file_name, size, transfer.advance)
-                else:
-                    with Prefetcher(encrypting) as token:
-                        uploaded = session.upload(token, action.file_name, size, transfer.advance)
-            finally:
-                self.progress.finish(transfer)
-            logger.debug("request %s: %d bytes uploaded encrypted as %s", action.request_id,
-                         encrypting.plain_bytes_read, action.file_name)
-        return uploaded
+                    return self._upload(session, request_id, file_name, encrypting, size)
+                with Prefetcher(encrypting) as token_stream:
+                    return self._upload(session, request_id, file_name, token_stream, size)
 
-    def _finish_upload(self, action: Upload, uploaded: int) -> int:
-        """Record a completed upload and save the ledger (main thread only); then retire an earlier
-        version's file name. Returns ``uploaded``."""
-        self.ledger.record_upload(action.request_id, action.completion, action.file_name, self.now(), uploaded)
-        self.ledger.save()
-        self._retire_legacy_name(action)
-        return uploaded
+    def _upload(self, session: SftpSession, request_id: str, file_name: str, token: BinaryIO,
+                size: int | None) -> int:
+        """Upload ``token`` (``size`` bytes, None: unknown) as ``file_name``; return the bytes uploaded."""
+        from broker_sftp_uploader.sftp.session import TransferStopped  # loaded with the connection
 
-    def _retire_legacy_name(self, action: Upload) -> None:
-        if action.legacy_file is not None:
-            try:
-                self.sftp.remove(action.legacy_file)
-                logger.info("removed %s, the name an earlier version used for request %s",
-                            action.legacy_file, action.request_id)
-            except UploaderError as error:
-                logger.warning("could not remove %s, the old file of request %s (%s); delete it by hand",
-                               action.legacy_file, action.request_id, error)
-
-    def _upload_in_parallel(self, plan: Plan, report: Report, connected: Callable[[], None]) -> None:
-        """Run the uploads on ``workers`` threads; record each outcome here, as it arrives.
-
-        The workers start at once; the main thread meanwhile waits for the connection and does the
-        deletions. A worker opens its SFTP session when its first download has begun.
-        """
-        from broker_sftp_uploader.sftp.session import TransferStopped
-
-        uploads = plan.uploads
-        stop = threading.Event()
-        todo: queue.SimpleQueue[Upload] = queue.SimpleQueue()
-        for action in uploads:
-            todo.put(action)
-        outcomes: queue.SimpleQueue[tuple[Upload, int | BaseException, float] | None] = queue.SimpleQueue()
-
-        def work() -> None:
-            sessions: list[SftpSession] = []
-
-            def session_for_upload() -> SftpSession:
-                if not sessions:
-                    connected()
-                    try:
-                        sessions.append(self.sftp.open_session(stop))
-                    except UploaderError as error:
-                        raise _NoSession(error) from None
-                return sessions[0]
-
-            try:
-                while not stop.is_set():
-                    try:
-                        action = todo.get_nowait()
-                    except queue.Empty:
-                        break
-                    started = time.monotonic()
-                    try:
-                        late = self._out_of_time()
-                        if late is not None:
-                            raise late
-                        size = self._upload(session_for_upload, action)
-                        outcomes.put((action, size, time.monotonic() - started))
-                    except TransferStopped:
-                        outcomes.put((action, _Stopped(), 0.0))
-                    except _NoSession as refused:  # the main session takes this one over at the end
-                        logger.warning("%s; fewer uploads run at once", refused.error)
-                        todo.put(action)
-                        break
-                    except BaseException as error:  # noqa: BLE001 - judged by the main thread
-                        outcomes.put((action, error, time.monotonic() - started))
-            finally:
-                for session in sessions:
-                    session.close()
-                outcomes.put(None)
-
-        count = min(self.workers, len(uploads))
-        threads = [threading.Thread(target=work, name=f"upload-{number}", daemon=True) for number in range(count)]
-        for thread in threads:
-            thread.start()
-        running = count
+        applier = self._applier
+        transfer = applier.progress.start(file_name, size)
         try:
-            self._before_uploads(plan, report, connected)
-            while running:
-                # Whatever completed meanwhile is recorded with a single save of the ledger.
-                batch = [outcomes.get()]
-                while True:
-                    try:
-                        batch.append(outcomes.get_nowait())
-                    except queue.Empty:
-                        break
-                running -= batch.count(None)
-                self._judge_all(report, [outcome for outcome in batch if outcome is not None])
-        except BaseException:
-            stop.set()
-            self.broker.close()  # cuts downloads that a worker is waiting on
-            deadline = time.monotonic() + STOP_GRACE
-            for thread in threads:
-                thread.join(timeout=max(0.0, deadline - time.monotonic()))
-            while True:  # record what completed meanwhile: only the actions in flight are lost
-                try:
-                    outcome = outcomes.get_nowait()
-                except queue.Empty:
-                    break
-                if outcome is not None and isinstance(outcome[1], int):
-                    self._judge_all(report, [outcome])
-            raise
-        # Sessions that could not be opened leave actions behind: the main session does them.
+            uploaded = session.upload(token, file_name, size, transfer.advance)
+        except TransferStopped:  # the session's stop is the run's cancellation
+            raise Cancelled(applier.cancellation.reason) from None
+        finally:
+            applier.progress.finish(transfer)
+        logger.debug("request %s: %d bytes uploaded encrypted as %s", request_id, uploaded, file_name)
+        return uploaded
+
+
+class _Sessions:
+    """SFTP sessions for the upload workers, opened as needed (up to ``limit``) once the login is done and
+    lent one per upload.
+
+    A server may refuse more sessions (OpenSSH's MaxSessions): then fewer uploads run at once, sharing
+    the sessions it gave; if it gave none, every upload is left to the main session (``_NoSession``).
+    """
+
+    def __init__(self, cancellation: Cancellation, limit: int):
+        self._cancellation = cancellation
+        self._limit = limit  # sessions opened at most
+        self._connection: SftpConnection | None = None
+        self._idle: list[SftpSession] = []
+        self._opened: list[SftpSession] = []
+        self._opening = 0
+        self._refused = False
+        self._changed = threading.Condition()
+        cancellation.on_cancel(self._wake)
+
+    def serve(self, connection: SftpConnection) -> None:
+        """The login is done: open sessions on ``connection`` for the workers waiting for one."""
+        with self._changed:
+            self._connection = connection
+            self._changed.notify_all()
+
+    @contextlib.contextmanager
+    def lend(self) -> Iterator[SftpSession]:
+        """A session for one upload.
+
+        :raises Cancelled: the run was cancelled while waiting for one.
+        :raises _NoSession: the server gave none.
+        """
+        session = self._take()
+        try:
+            yield session
+        finally:
+            with self._changed:
+                self._idle.append(session)
+                self._changed.notify()
+
+    def _take(self) -> SftpSession:
         while True:
+            with self._changed:
+                while True:
+                    self._cancellation.check()
+                    if self._idle:
+                        return self._idle.pop()
+                    if self._connection is not None and not self._refused and \
+                            len(self._opened) + self._opening < self._limit:
+                        self._opening += 1
+                        connection = self._connection
+                        break
+                    if self._refused and not self._opened and not self._opening:
+                        raise _NoSession()
+                    self._changed.wait()
             try:
-                action = todo.get_nowait()
-            except queue.Empty:
-                break
-            self._attempt(report, action, lambda action=action: self._finish_upload(
-                action, self._upload(lambda: self.sftp.main, action)))
-
-    def _judge_all(self, report: Report, outcomes: list[tuple[Upload, int | BaseException, float]]) -> None:
-        """Record the completed uploads among ``outcomes`` (one ledger save), report the failures."""
-        completed = []
-        for action, outcome, seconds in outcomes:
-            if isinstance(outcome, int):
-                self.ledger.record_upload(action.request_id, action.completion, action.file_name, self.now(),
-                                          outcome)
-                completed.append((action, outcome, seconds))
-            elif isinstance(outcome, _Stopped):
+                session = connection.open_session(self._cancellation)  # stops between writes once cancelled
+            except UploaderError as error:
+                with self._changed:
+                    self._opening -= 1
+                    if not self._refused:
+                        logger.warning("%s; fewer uploads run at once", error)
+                    self._refused = True
+                    self._changed.notify_all()
                 continue
-            elif isinstance(outcome, LedgerError):
-                raise outcome
-            elif isinstance(outcome, UploaderError):
-                self._failed(report, action, outcome, seconds)
-            else:
-                raise outcome  # a bug in a worker: let its traceback out
-        if not completed:
-            return
-        self.ledger.save()
-        for action, size, seconds in completed:
-            self._done(report, action, size, seconds)
-            self._retire_legacy_name(action)
+            with self._changed:
+                self._opening -= 1
+                self._opened.append(session)
+                self._changed.notify_all()
+            return session
 
-    def digest_path(self) -> Path:
-        return ledger_digest_path(self.ledger.path)
+    def _wake(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
 
-    def ledger_needs_upload(self) -> bool:
-        """True when the server's copy of the ledger may differ from the local one."""
-        return ledger_needs_upload(self.ledger.path)
+    def __enter__(self) -> _Sessions:
+        return self
 
-    def _upload_ledger(self) -> int:
-        content = self.ledger.path.read_bytes()
-        self.sftp.upload(io.BytesIO(content), LEDGER_REMOTE_NAME, len(content))
-        with atomic_write(self.digest_path(), mode=0o644) as handle:
-            handle.write(hashlib.sha256(content).hexdigest().encode("ascii") + b"\n")
-        logger.info("uploaded the ledger as %s", LEDGER_REMOTE_NAME)
-        return len(content)
+    def __exit__(self, *exc_info: object) -> None:
+        """Close every session opened (those of workers still stuck after a cancellation too)."""
+        with self._changed:
+            opened, self._opened, self._idle = self._opened, [], []
+        for session in opened:
+            session.close()

@@ -1,7 +1,9 @@
 """The sync job's plan: what to do, from the broker's listing and the ledger (``apply.py`` does it).
 
 ``plan_sync`` is pure: new, changed and relisted requests are uploaded, vanished ones deleted unless
-the mass-deletion guard refuses (``report.py`` tells what a run did).
+the mass-deletion guard refuses (``report.py`` tells what a run did). Each action knows how to apply
+itself at a ``Site`` (the server, and the broker's results) and how to record itself in the ledger;
+``apply.py`` decides when and in which thread.
 """
 
 from __future__ import annotations
@@ -11,15 +13,32 @@ import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
+from typing import Protocol
 
 from broker_sftp_uploader.broker.client import BrokerClient
-from broker_sftp_uploader.state.ledger import LEDGER_FILE, LedgerEntry, default_file_name
+from broker_sftp_uploader.concurrency import Cancellation, map_in_threads
+from broker_sftp_uploader.config import MAX_DELETE_PERCENT
+from broker_sftp_uploader.errors import UploaderError
+from broker_sftp_uploader.state.ledger import LEDGER_FILE, Ledger, LedgerEntry, default_file_name
 
 logger = logging.getLogger(__name__)
 
 LEDGER_REMOTE_NAME = LEDGER_FILE
+
+
+class Site(Protocol):
+    """Where actions apply themselves: the SFTP folder, and the broker's results to send there."""
+
+    def remove(self, name: str, quiet: bool = False) -> bool:
+        """Delete ``name`` in the folder; return whether it was there. :raises UploaderError: refused."""
+
+    def send_result(self, request_id: str, file_name: str) -> int:
+        """Export the request's result, encrypt it and upload it as ``file_name``; return the bytes uploaded.
+
+        :raises UploaderError: the broker or the server failed.
+        """
 
 
 @dataclass(frozen=True)
@@ -34,9 +53,34 @@ class Upload:
     # once the new file is in place, so the request keeps exactly one file on the server.
     legacy_file: str | None = None
 
+    kind = "upload"
+
     @property
     def file_name(self) -> str:
         return default_file_name(self.request_id)
+
+    def apply(self, site: Site) -> int:
+        """Upload the result; return the bytes uploaded. :raises UploaderError: broker or server failed."""
+        logger.info("%s", self.describe())
+        return site.send_result(self.request_id, self.file_name)
+
+    def record(self, ledger: Ledger, when: datetime, size: int) -> None:
+        """Note in ``ledger`` (not yet saved) that the upload of ``size`` bytes completed at ``when``."""
+        ledger.record_upload(self.request_id, self.completion, self.file_name, when, size)
+
+    def tidy_up(self, site: Site) -> None:
+        """Once recorded: remove the file an earlier version used for this request, if any (a failure is
+        only logged: the new file is in place)."""
+        if self.legacy_file is None:
+            return
+        try:
+            site.remove(self.legacy_file)
+        except UploaderError as error:
+            logger.warning("could not remove %s, the old file of request %s (%s); delete it by hand",
+                           self.legacy_file, self.request_id, error)
+            return
+        logger.info("removed %s, the name an earlier version used for request %s", self.legacy_file,
+                    self.request_id)
 
     def describe(self) -> str:
         if self.reason == "changed":
@@ -58,8 +102,24 @@ class Delete:
     request_id: str
     remote_name: str
 
+    kind = "delete"
+    reason = "vanished"
+
     def describe(self) -> str:
         return f"delete {self.remote_name} (request {self.request_id} is no longer listed)"
+
+    def apply(self, site: Site) -> int:
+        """Delete the file (one already gone is fine); return 0 bytes. :raises UploaderError: refused."""
+        logger.info("%s", self.describe())
+        site.remove(self.remote_name)
+        return 0
+
+    def record(self, ledger: Ledger, when: datetime, size: int) -> None:
+        """Note in ``ledger`` (not yet saved) that the file was deleted at ``when``."""
+        ledger.record_deletion(self.request_id, when)
+
+    def tidy_up(self, site: Site) -> None:
+        """Nothing is left to tidy after a deletion."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +130,7 @@ class DeletionGuard:
     requests that vanished; deleting is the one action a later run cannot undo on the receiving side.
     """
 
-    max_percent: float = 50.0
+    max_percent: float = MAX_DELETE_PERCENT.default
     max_count: int | None = None
     allow: bool = False
 
@@ -190,6 +250,16 @@ def list_requests(broker: BrokerClient, tag: str) -> list[str]:
     return ids
 
 
+def fetch_completions(broker: BrokerClient, request_ids: list[str], workers: int,
+                      cancellation: Cancellation | None = None) -> dict[str, str]:
+    """The completion of every request in ``request_ids`` (in that order), ``workers`` status calls at a time.
+
+    :raises BrokerError: the first call that failed (no call starts after it).
+    """
+    completions = map_in_threads(broker.get_completion, request_ids, workers, cancellation, name="status")
+    return dict(zip(request_ids, completions))
+
+
 def ledger_digest_path(ledger_path: Path) -> Path:
     """Where the digest of the last uploaded copy of the ledger is kept: beside the ledger."""
     return ledger_path.with_name(ledger_path.name + ".uploaded-sha256")
@@ -198,7 +268,13 @@ def ledger_digest_path(ledger_path: Path) -> Path:
 # The ledger copy on the server is refreshed whenever the local ledger differs from what was last
 # uploaded; the digest of that upload lives beside the ledger, so a failed ledger upload is retried
 # by the next run even if nothing else changes.
-def ledger_needs_upload(ledger_path: Path) -> bool:
+def ledger_copy_due(enabled: bool, ledger_path: Path, changes_planned: bool = False) -> bool:
+    """Whether a run uploads the ledger as ``status.xml``: when the copy is ``enabled`` (SFTP.UPLOAD_LEDGER)
+    and the ledger changes (``changes_planned``) or differs from the copy last uploaded."""
+    return enabled and (changes_planned or _differs_from_copy(ledger_path))
+
+
+def _differs_from_copy(ledger_path: Path) -> bool:
     """True when the server's copy of the ledger at ``ledger_path`` may differ from the local one."""
     if not ledger_path.exists():
         return False
@@ -207,7 +283,3 @@ def ledger_needs_upload(ledger_path: Path) -> bool:
     except (OSError, UnicodeDecodeError):
         return True
     return recorded != hashlib.sha256(ledger_path.read_bytes()).hexdigest()
-
-
-def _utc_now() -> datetime:
-    return datetime.now(timezone.utc)

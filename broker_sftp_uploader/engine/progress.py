@@ -1,7 +1,7 @@
 """Progress of the transfers for a person at a terminal: one line, redrawn, with bytes, rate and ETA.
 
-Uploads run in several threads at once; each reports the bytes it sent to its ``Transfer``, and one
-daemon thread redraws the line a few times a second, e.g.::
+Uploads run in several threads at once; each reports the bytes it sent to its ``Transfer``, and a
+thread of its own redraws the line a few times a second until ``close()``, e.g.::
 
     ↑ 3 uploads 45.1 MiB of 120.0 MiB, 52.3 MiB/s, 0:01 left (7 of 10 done)
 
@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import Future, wait
 from typing import TextIO
 
+from broker_sftp_uploader.concurrency import Cancellation, in_background
 from broker_sftp_uploader.engine.report import format_bytes
 
 REDRAW_EVERY = 0.25
@@ -53,11 +55,10 @@ class Progress:
         self._active: list[Transfer] = []
         self._lock = threading.Lock()
         self._drawn = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._stop = Cancellation()
+        self._redrawing: Future[None] | None = None
         if stream is not None:
-            self._thread = threading.Thread(target=self._redraw, name="progress", daemon=True)
-            self._thread.start()
+            self._redrawing = in_background(self._redraw, name="progress")
 
     @property
     def enabled(self) -> bool:
@@ -115,7 +116,8 @@ class Progress:
                 self._drawn = 0
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=1)
+        """Stop redrawing and erase the line (call it in every case: the redrawing thread runs until then)."""
+        self._stop.cancel()
+        if self._redrawing is not None:
+            wait([self._redrawing], timeout=1)
         self.clear()

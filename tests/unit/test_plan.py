@@ -1,10 +1,26 @@
-"""Unit tests for plan_sync, the pure heart of the sync rules."""
+"""Unit tests for plan_sync, the pure heart of the sync rules; the actions applying and recording
+themselves; the ledger copy decision; the status calls' fan-out."""
+
+import hashlib
+from datetime import datetime, timezone
+
+import pytest
 
 from broker_sftp_uploader.errors import BrokerError, SftpError
 from broker_sftp_uploader.commands.sync import exit_code_for
-from broker_sftp_uploader.state.ledger import LedgerEntry
+from broker_sftp_uploader.state.ledger import Ledger, LedgerEntry
 from broker_sftp_uploader.engine.report import Report
-from broker_sftp_uploader.engine.plan import Delete, DeletionGuard, Upload, plan_sync
+from broker_sftp_uploader.engine.plan import (
+    Delete,
+    DeletionGuard,
+    Upload,
+    fetch_completions,
+    ledger_copy_due,
+    ledger_digest_path,
+    plan_sync,
+)
+
+MOMENT = datetime(2021, 10, 11, 9, 39, 50, tzinfo=timezone.utc)
 
 ANY = DeletionGuard(allow=True)
 
@@ -136,3 +152,109 @@ def test_guard_count_limit_and_allow():
 def test_exit_code_for_refused_deletions_is_4_unless_something_failed():
     assert exit_code_for(Report(uploaded=["1"], refusal="refused")) == 4
     assert exit_code_for(Report(refusal="refused", uploaded=["1"], failures=[("2", BrokerError("x"))])) == 3
+
+
+# -- each action applies and records itself (a recording fake site; the real one: test_apply_memory) -----
+
+
+class RecordingSite:
+    """Notes what actions ask of the server; ``refuse`` names files whose removal fails."""
+
+    def __init__(self, refuse=()):
+        self.calls = []
+        self.refuse = set(refuse)
+
+    def remove(self, name, quiet=False):
+        self.calls.append(("remove", name))
+        if name in self.refuse:
+            raise SftpError(f"cannot delete {name}")
+        return True
+
+    def send_result(self, request_id, file_name):
+        self.calls.append(("send", request_id, file_name))
+        return 123
+
+
+def test_an_upload_sends_its_result_under_the_conventional_name_and_records_it(tmp_path):
+    site = RecordingSite()
+    upload = Upload("7", "1.0", "changed", "0.5", legacy_file="bundle.zip")
+    assert upload.apply(site) == 123
+    assert site.calls == [("send", "7", "export_7.zip")]
+    ledger = Ledger.load(tmp_path / "status.xml")
+    upload.record(ledger, MOMENT, 123)
+    entry = ledger.entries()["7"]
+    assert (entry.completion, entry.file_name, entry.size) == ("1.0", "export_7.zip", 123)
+    upload.tidy_up(site)
+    assert site.calls[-1] == ("remove", "bundle.zip")
+    assert (upload.kind, upload.reason) == ("upload", "changed")
+
+
+def test_an_upload_without_an_old_name_tidies_nothing_and_a_failed_removal_only_warns(caplog):
+    site = RecordingSite(refuse={"bundle.zip"})
+    Upload("7", "1.0", "new").tidy_up(site)
+    assert site.calls == []
+    Upload("7", "1.0", "changed", "0.5", legacy_file="bundle.zip").tidy_up(site)
+    assert "could not remove bundle.zip, the old file of request 7" in caplog.text
+
+
+def test_a_deletion_removes_its_file_and_is_recorded_deleted(tmp_path):
+    site = RecordingSite()
+    delete = Delete("3", "bundle_3.zip")
+    assert delete.apply(site) == 0 and site.calls == [("remove", "bundle_3.zip")]
+    ledger = Ledger.load(tmp_path / "status.xml")
+    ledger.record_upload("3", "1.0", "bundle_3.zip", MOMENT, 5)
+    delete.record(ledger, MOMENT, 0)
+    assert ledger.entries()["3"].is_deleted
+    delete.tidy_up(site)
+    assert (delete.kind, delete.reason) == ("delete", "vanished") and len(site.calls) == 1
+
+
+def test_a_refused_deletion_raises_for_the_caller_to_report():
+    with pytest.raises(SftpError, match="cannot delete export_3.zip"):
+        Delete("3", "export_3.zip").apply(RecordingSite(refuse={"export_3.zip"}))
+
+
+# -- the ledger copy: whether a run uploads it is decided in one place -----------------------------------
+
+
+def test_ledger_copy_due(tmp_path):
+    path = tmp_path / "status.xml"
+    assert not ledger_copy_due(True, path)  # no ledger yet
+    assert ledger_copy_due(True, path, changes_planned=True)
+    assert not ledger_copy_due(False, path, changes_planned=True)  # SFTP.UPLOAD_LEDGER = false
+    path.write_bytes(b"<status/>\n")
+    assert ledger_copy_due(True, path)  # never uploaded
+    ledger_digest_path(path).write_text(hashlib.sha256(b"<status/>\n").hexdigest() + "\n")
+    assert not ledger_copy_due(True, path)  # the copy on the server is this ledger
+    path.write_bytes(b"<status></status>\n")
+    assert ledger_copy_due(True, path)
+    assert not ledger_copy_due(False, path)
+
+
+# -- the status calls ----------------------------------------------------------------------------------
+
+
+class CompletionsBroker:
+    """Answers status calls from a dict; a missing id fails like a broker error."""
+
+    def __init__(self, completions):
+        self.completions = completions
+
+    def get_completion(self, request_id):
+        if request_id not in self.completions:
+            raise BrokerError(f"broker answered 500 to GET /broker/request/{request_id}/status")
+        return self.completions[request_id]
+
+
+def test_fetch_completions_keeps_the_listing_order():
+    ids = [str(number) for number in range(200, 0, -1)]
+    completions = {request_id: f"0.{request_id}" for request_id in ids}
+    fetched = fetch_completions(CompletionsBroker(completions), ids, 32)
+    assert list(fetched.items()) == list(completions.items())
+    assert fetch_completions(CompletionsBroker({}), [], 32) == {}
+
+
+def test_fetch_completions_raises_a_failed_status_call():
+    with pytest.raises(BrokerError, match="answered 500 to GET /broker/request/13/status"):
+        fetch_completions(CompletionsBroker({str(number): "1.0" for number in range(40) if number != 13}),
+                          [str(number) for number in range(40)], 8)
