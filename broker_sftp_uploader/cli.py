@@ -12,6 +12,8 @@ import functools
 import json
 import logging
 import sys
+import textwrap
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 
@@ -20,56 +22,55 @@ import click
 from broker_sftp_uploader import __version__, interrupts
 from broker_sftp_uploader.config import load_config
 from broker_sftp_uploader.commands import keys
-from broker_sftp_uploader.errors import EXIT_DELETES_REFUSED, UploaderError
+from broker_sftp_uploader.errors import (
+    EXIT_BROKER,
+    EXIT_CODES,
+    EXIT_CONFIG,
+    EXIT_DELETES_REFUSED,
+    EXIT_INTERRUPTED,
+    EXIT_KEY,
+    EXIT_LEDGER,
+    EXIT_LOCKED,
+    EXIT_OK,
+    EXIT_OUTPUT,
+    EXIT_PARTIAL,
+    EXIT_SFTP,
+    EXIT_UNEXPECTED,
+    EXIT_USAGE,
+    LogFileError,
+    UploaderError,
+)
 from broker_sftp_uploader.commands.sync import SyncOptions, execute_sync
 from broker_sftp_uploader.engine.progress import Progress
 
-EXIT_INTERRUPTED = 130
-
-EXIT_CODES_HELP = """\b
-Exit codes:
-   0  success (also: nothing to do)
-   1  unexpected error (a bug: please report the traceback)
-   2  usage error
-   3  partial: some requests failed, the rest were done and recorded
-   4  deletions refused: the run would delete more files than
-      REQUESTS.MAX_DELETE_PERCENT / MAX_DELETE_COUNT allow; uploads were
-      done, nothing deleted (check REQUESTS.TAG, or pass --allow-deletes)
-  10  config invalid
-  11  another run holds the lock
-  12  key missing or invalid (Fernet key, SSH private key) / decryption failed
-  13  broker unreachable, answering errors, or too slow (time limits)
-  14  SFTP connect, login or transfer failure
-  15  ledger (status.xml) unreadable or unwritable
-"""
+# Each command's exit codes, in the order of errors.EXIT_CODES; its --help lists exactly these.
+COMMAND_EXIT_CODES: dict[str, tuple[int, ...]] = {
+    "sync": (EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_PARTIAL, EXIT_DELETES_REFUSED, EXIT_CONFIG,
+             EXIT_LOCKED, EXIT_KEY, EXIT_BROKER, EXIT_SFTP, EXIT_LEDGER, EXIT_INTERRUPTED),
+    "check": (EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_CONFIG, EXIT_KEY, EXIT_BROKER, EXIT_SFTP,
+              EXIT_LEDGER, EXIT_INTERRUPTED),
+    "status": (EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_CONFIG, EXIT_KEY, EXIT_BROKER, EXIT_SFTP,
+               EXIT_LEDGER, EXIT_INTERRUPTED),
+    # keygen and fingerprint are over in milliseconds: no signal handling, so no 130 worth naming.
+    "keygen": (EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_KEY),
+    "fingerprint": (EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_KEY),
+    "decrypt": (EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_KEY, EXIT_OUTPUT, EXIT_INTERRUPTED),
+}
 
 
-DECRYPT_EXIT_CODES_HELP = """\b
-Exit codes:
-   0  every FILE decrypted
-   2  usage error
-  12  a key file is missing or invalid, or a FILE failed to decrypt (wrong key,
-      tampered, truncated, not a Fernet file)
-  16  an output file exists (pass --force to replace it), is FILE itself, or
-      cannot be written (its folder cannot be created, is not writable, disk full)
-  With several FILEs the others are still done; 12 wins over 16.
-"""
-
-KEYGEN_EPILOG = """\b
-Exit codes:
-   0  key written
-  12  PATH exists or cannot be created
-"""
-
-FINGERPRINT_EPILOG = """\b
-Without this tool, for a key file as keygen writes it (one key):
-  head -n1 rki.key | tr -d '\\n' | sha256sum | cut -c1-8
-
-\b
-Exit codes:
-   0  printed
-  12  KEYFILE missing, unreadable, holding no key or a line that is not a key
-"""
+def _exit_codes_help(command: str, wording: Mapping[int, str] | None = None, heading: str = "Exit codes:",
+                     note: str = "") -> str:
+    """Return the exit-code part of ``command``'s --help: each of its codes (``COMMAND_EXIT_CODES``) with
+    the meaning ``errors.EXIT_CODES`` gives it, or the command's own ``wording`` of it; ``note`` after."""
+    wording = wording or {}
+    assert set(wording) <= set(COMMAND_EXIT_CODES[command]), f"{command}: wording for a code it never gives"
+    lines = ["\b", heading]
+    for code in COMMAND_EXIT_CODES[command]:
+        lines += textwrap.wrap(wording.get(code, EXIT_CODES[code].meaning), width=76,
+                               initial_indent=f"{code:>4}  ", subsequent_indent=" " * 6)
+    if note:
+        lines += textwrap.wrap(note, width=76, initial_indent="  ", subsequent_indent="  ")
+    return "\n".join(lines) + "\n"
 
 
 _LOG_LAYOUT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -107,8 +108,8 @@ def _add_log_file(path: Path) -> None:
     try:
         handler = logging.FileHandler(path, mode="a", encoding="utf-8")
     except OSError as error:
-        raise UploaderError(f"cannot open the log file {path}: {error.strerror or error}; check --log-file / "
-                            "MISC.LOG_FILE") from None
+        raise LogFileError(f"cannot open the log file {path}: {error.strerror or error}; check --log-file / "
+                           "MISC.LOG_FILE") from None
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter(_LOG_LAYOUT))
     root = logging.getLogger()
@@ -154,7 +155,11 @@ Examples:
   broker-sftp-uploader sync -c /etc/aktin/sftp-upload.toml --request 42   # send 42 again
   broker-sftp-uploader sync -c /etc/aktin/sftp-upload.toml --repair   # restore damaged files
 
-""" + EXIT_CODES_HELP
+""" + _exit_codes_help("sync", {
+    EXIT_KEY: "key file missing or invalid (Fernet key, SSH private key)",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C, SIGTERM); the ledger holds every completed action and unfinished "
+                      "uploads were removed: the next run continues",
+})
 
 _config_option = click.option(
     "-c", "--config", "config_path", required=True, envvar="BROKER_SFTP_UPLOADER_CONFIG",
@@ -224,32 +229,40 @@ def sync(config_path: Path, dry_run: bool, allow_deletes: bool, requests: tuple[
               "the ledger records everything that was done", code)
 
 
-CHECK_EPILOG = """\b
-Examples:
-  broker-sftp-uploader check -c /etc/aktin/sftp-upload.toml
-  broker-sftp-uploader check -c /etc/aktin/sftp-upload.toml --json | jq .exit_code
+def _check_epilog() -> str:
+    """check's --help after its options: examples, its steps (from ``commands.check.STEPS``), exit codes."""
+    from broker_sftp_uploader.commands.check import STEPS  # imports paramiko: only when the help is shown
 
-\b
-Steps, one line each (ok, warning, FAILED, info or skipped):
-  config, fernet key, ssh key, broker, api key, requests (how many
-  REQUESTS.TAG selects; none is a warning), sftp server (host key new,
-  known or changed), sftp login, sftp folder (a hidden probe file is
-  written, renamed and removed), ledger, lock (is a run going on?)
-
-\b
-Exit codes (that of the first failed step):
-   0  every step passed (warnings allowed)
-   2  usage error
-  10  config invalid
-  12  Fernet key or SSH private key missing or invalid
-  13  broker unreachable or failing, API key unknown or not an admin key
-  14  SFTP server unreachable, host key changed, login refused, or
-      FOLDERNAME missing or not writable, renamable and deletable
-  15  ledger unreadable, lock file unusable, WORKING_DIR not writable
-"""
+    steps = ", ".join(f"{name} ({note})" if note else name for name, note in STEPS.items())
+    return "\n".join([
+        "\b", "Examples:",
+        "  broker-sftp-uploader check -c /etc/aktin/sftp-upload.toml",
+        "  broker-sftp-uploader check -c /etc/aktin/sftp-upload.toml --json | jq .exit_code",
+        "", "\b", "Steps, one line each (ok, warning, FAILED, info or skipped):",
+        *textwrap.wrap(steps, width=76, initial_indent="  ", subsequent_indent="  "),
+        "", _exit_codes_help("check", {
+            EXIT_OK: "every step passed (warnings allowed)",
+            EXIT_KEY: "Fernet key or SSH private key missing or invalid",
+            EXIT_BROKER: "broker unreachable or failing, API key unknown or not an admin key",
+            EXIT_SFTP: "SFTP server unreachable, host key changed, login refused, or FOLDERNAME missing or "
+                       "not writable, renamable and deletable",
+            EXIT_LEDGER: "ledger unreadable, lock file unusable, WORKING_DIR not writable",
+            EXIT_INTERRUPTED: "interrupted (Ctrl-C, SIGTERM); the probe file was removed, nothing changed",
+        }, heading="Exit codes (that of the first failed step):")])
 
 
-@cli.command(epilog=CHECK_EPILOG, short_help="Check the whole set-up; change nothing.")
+class _LateEpilogCommand(click.Command):
+    """A command whose epilog is a function, called only when its --help is shown (check's names its
+    steps, whose module imports paramiko: every other command line would pay for that import)."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        if callable(self.epilog):
+            self.epilog = self.epilog()
+        super().format_epilog(ctx, formatter)
+
+
+@cli.command(cls=_LateEpilogCommand, epilog=_check_epilog,
+             short_help="Check the whole set-up; change nothing.")
 @_config_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the lines.")
 @_reports_errors
@@ -277,16 +290,13 @@ Examples:
   broker-sftp-uploader status -c /etc/aktin/sftp-upload.toml --remote
   broker-sftp-uploader status -c /etc/aktin/sftp-upload.toml --json | jq '.requests[0]'
 
-\b
-Exit codes:
-   0  shown (also when --remote found missing or damaged files)
-   2  usage error
-  10  config invalid
-  12  (--remote) SSH private key missing or invalid
-  13  (--remote) broker unreachable or failing
-  14  (--remote) SFTP login or folder listing failed
-  15  ledger unreadable
-"""
+""" + _exit_codes_help("status", {
+    EXIT_OK: "shown (also when --remote found missing or damaged files)",
+    EXIT_KEY: "(--remote) SSH private key missing or invalid",
+    EXIT_BROKER: "(--remote) broker unreachable or failing",
+    EXIT_SFTP: "(--remote) SFTP login or folder listing failed",
+    EXIT_LEDGER: "ledger unreadable",
+})
 
 
 @cli.command(epilog=STATUS_EPILOG, short_help="Show the ledger; with --remote, broker and server too.")
@@ -313,6 +323,10 @@ def status(config_path: Path, as_json: bool, remote: bool, verbose: int) -> None
             click.echo(line)
 
 
+KEYGEN_EPILOG = _exit_codes_help("keygen", {EXIT_OK: "key written",
+                                            EXIT_KEY: "PATH exists or cannot be created"})
+
+
 @cli.command(epilog=KEYGEN_EPILOG, short_help="Write a new Fernet key file and print its fingerprint.")
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
 @_reports_errors
@@ -330,6 +344,16 @@ def keygen(path: Path) -> None:
     """
     fingerprint = keys.keygen(path)
     click.echo(f"wrote a new key to {path}; fingerprint {fingerprint} (compare it with the receiver's)")
+
+
+FINGERPRINT_EPILOG = """\b
+Without this tool, for a key file as keygen writes it (one key):
+  head -n1 rki.key | tr -d '\\n' | sha256sum | cut -c1-8
+
+""" + _exit_codes_help("fingerprint", {
+    EXIT_OK: "printed",
+    EXIT_KEY: "KEYFILE missing, unreadable, holding no key or a line that is not a key",
+})
 
 
 @cli.command("fingerprint", epilog=FINGERPRINT_EPILOG, short_help="Print the fingerprint of each key in a file.")
@@ -350,7 +374,16 @@ def fingerprint_command(key_file: Path) -> None:
         click.echo(fingerprint)
 
 
-@cli.command(epilog=DECRYPT_EXIT_CODES_HELP, short_help="Decrypt files made by sync (the receiver's side).")
+DECRYPT_EPILOG = _exit_codes_help("decrypt", {
+    EXIT_OK: "every FILE decrypted",
+    EXIT_KEY: "a key file is missing or invalid, or a FILE failed to decrypt (wrong key, tampered, "
+              "truncated, not a Fernet file)",
+    EXIT_OUTPUT: "an output file exists (pass --force to replace it), is FILE itself, or cannot be written "
+                 "(its folder cannot be created, is not writable, disk full)",
+}, note="With several FILEs the others are still done; 12 wins over 16.")
+
+
+@cli.command(epilog=DECRYPT_EPILOG, short_help="Decrypt files made by sync (the receiver's side).")
 @click.option("-k", "--key", "key_files", multiple=True, required=True,
               type=click.Path(dir_okay=False, path_type=Path),
               help="Key file; may hold several keys, one per line. Repeat for more files.")

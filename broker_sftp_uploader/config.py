@@ -15,6 +15,7 @@ import logging
 import os
 import stat
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,47 @@ LEDGER_FILE_NAME = "status.xml"
 ENV_PREFIX = "BROKER_SFTP_UPLOADER_"
 # A secret file holds one line; anything bigger is the wrong file (and /dev/zero must not hang us).
 SECRET_FILE_LIMIT = 64 * 1024
-TRANSPORTS = ("paramiko", "openssh")
+DEFAULT_TRANSPORT = "paramiko"
+TRANSPORTS = (DEFAULT_TRANSPORT, "openssh")
+DEFAULT_UPLOAD_LEDGER = True
+
+
+@dataclass(frozen=True)
+class NumberKey:
+    """A number in the config: its key, default (None: none, or required) and the range it must lie in.
+
+    The settings below take their defaults from here, and so does the reader; the README's config
+    table and the sample config state the same (tests compare them).
+    """
+
+    section: str
+    key: str
+    default: float | None
+    minimum: float
+    maximum: float | None  # None: no upper limit
+    integer: bool
+    required: bool = False
+
+    @property
+    def name(self) -> str:
+        """The key as messages and the README name it: ``SECTION.KEY``."""
+        return f"{self.section}.{self.key}"
+
+
+CALL_TIMEOUT = NumberKey("BROKER", "CALL_TIMEOUT", 60.0, 1, 3600, integer=False)
+EXPORT_TIMEOUT = NumberKey("BROKER", "EXPORT_TIMEOUT", 1800.0, 1, 86400, integer=False)
+BROKER_RETRIES = NumberKey("BROKER", "RETRIES", 3, 0, 10, integer=True)
+CONCURRENCY = NumberKey("BROKER", "CONCURRENCY", 32, 1, 64, integer=True)
+MAX_DELETE_PERCENT = NumberKey("REQUESTS", "MAX_DELETE_PERCENT", 50.0, 0, 100, integer=False)
+MAX_DELETE_COUNT = NumberKey("REQUESTS", "MAX_DELETE_COUNT", None, 0, None, integer=True)
+SFTP_PORT = NumberKey("SFTP", "PORT", 22, 1, 65535, integer=True)
+SFTP_TIMEOUT = NumberKey("SFTP", "TIMEOUT", None, 1, 3600, integer=False, required=True)
+SFTP_RETRIES = NumberKey("SFTP", "RETRIES", 3, 0, 10, integer=True)
+# OpenSSH allows 10 sessions per connection (MaxSessions): 8 workers and the main session fit.
+PARALLEL_UPLOADS = NumberKey("SFTP", "PARALLEL_UPLOADS", 8, 1, 9, integer=True)
+RUN_TIMEOUT = NumberKey("MISC", "RUN_TIMEOUT", 14400.0, 60, 604800, integer=False)
+NUMBER_KEYS = (CALL_TIMEOUT, EXPORT_TIMEOUT, BROKER_RETRIES, CONCURRENCY, MAX_DELETE_PERCENT,
+               MAX_DELETE_COUNT, SFTP_PORT, SFTP_TIMEOUT, SFTP_RETRIES, PARALLEL_UPLOADS, RUN_TIMEOUT)
 
 
 @dataclass(frozen=True)
@@ -44,10 +85,10 @@ class BrokerSettings:
     api_key: str = field(repr=False)
     tag: str
     ca_bundle: Path | None = None
-    call_timeout: float = 60.0  # seconds for one listing/status call, its retries included
-    export_timeout: float = 1800.0  # seconds for the export call (the broker builds the bundle first)
-    retries: int = 3  # retries of the idempotent calls
-    concurrency: int = 32  # status calls at once
+    call_timeout: float = CALL_TIMEOUT.default  # seconds for a listing or request-status call
+    export_timeout: float = EXPORT_TIMEOUT.default  # seconds for the export call (the bundle is built first)
+    retries: int = BROKER_RETRIES.default  # retries of the idempotent calls
+    concurrency: int = CONCURRENCY.default  # request-status calls at once
 
 
 @dataclass(frozen=True)
@@ -61,12 +102,12 @@ class SftpSettings:
     timeout: float
     folder: str
     known_hosts: Path
-    upload_ledger: bool = True
-    retries: int = 3  # retries of the connect after connection-level failures
+    upload_ledger: bool = DEFAULT_UPLOAD_LEDGER
+    retries: int = SFTP_RETRIES.default  # retries of the connect after connection-level failures
     private_key: Path | None = None
     private_key_passphrase: str | None = field(default=None, repr=False)
-    parallel_uploads: int = 8  # requests exported, downloaded, encrypted and uploaded at once
-    transport: str = "paramiko"  # "paramiko" (in-process SSH) or "openssh" (an `ssh -s sftp` child)
+    parallel_uploads: int = PARALLEL_UPLOADS.default  # requests exported, encrypted and uploaded at once
+    transport: str = DEFAULT_TRANSPORT  # "paramiko" (in-process SSH) or "openssh" (an `ssh -s sftp` child)
 
 
 @dataclass(frozen=True)
@@ -78,9 +119,9 @@ class Config:
     sftp: SftpSettings
     key_path: Path
     working_dir: Path
-    max_delete_percent: float = 50.0  # mass-deletion guard: share of the live remote files
-    max_delete_count: int | None = None  # mass-deletion guard: number of files; None: no count limit
-    run_timeout: float = 14400.0  # seconds one run may take in all
+    max_delete_percent: float = MAX_DELETE_PERCENT.default  # mass-deletion guard: share of the live files
+    max_delete_count: int | None = MAX_DELETE_COUNT.default  # mass-deletion guard: files; None: no limit
+    run_timeout: float = RUN_TIMEOUT.default  # seconds one run may take in all
     metrics_file: Path | None = None  # Prometheus textfile for node_exporter, rewritten after each run
     log_file: Path | None = None  # INFO log appended by every run
 
@@ -88,6 +129,10 @@ class Config:
     def ledger_path(self) -> Path:
         """The state ledger, ``WORKING_DIR/status.xml`` as in the original script."""
         return self.working_dir / LEDGER_FILE_NAME
+
+    def run_deadline(self) -> float:
+        """Return the ``time.monotonic()`` value by which a run (sync, check, status) starting now ends."""
+        return time.monotonic() + self.run_timeout
 
     def secrets(self) -> tuple[str, ...]:
         """Return every secret value of the config, for redacting them from output."""
@@ -130,22 +175,24 @@ class _Reader:
             return None
         return value
 
-    def number(self, section: str, key: str, default: float | None, minimum: float, maximum: float | None,
-               integer: bool, required: bool = False) -> float | None:
-        """A number, also accepted as a numeric string ("25") because the original configs write it so."""
-        value = self._raw(section, key, required)
-        name = f"{section}.{key}"
+    def number(self, spec: NumberKey) -> float | None:
+        """The number ``spec`` names, or its default; None if it is invalid (the problem is recorded).
+
+        Also accepted as a numeric string ("25"), because the original configs write it so.
+        """
+        value = self._raw(spec.section, spec.key, spec.required)
+        name, minimum, maximum = spec.name, spec.minimum, spec.maximum
         if value is None:
-            return default
-        kind = "a whole number" if integer else "a number"
+            return spec.default
+        kind = "a whole number" if spec.integer else "a number"
         parsed: float | None = None
         if isinstance(value, bool):
             parsed = None
-        elif isinstance(value, int) or (isinstance(value, float) and not integer):
+        elif isinstance(value, int) or (isinstance(value, float) and not spec.integer):
             parsed = value
         elif isinstance(value, str):
             try:
-                parsed = int(value.strip()) if integer else float(value.strip())
+                parsed = int(value.strip()) if spec.integer else float(value.strip())
             except ValueError:
                 parsed = None
         if parsed is None:
@@ -212,29 +259,12 @@ class _Reader:
     def _secret_file(self, path: Path, name: str) -> str | None:
         """Return the secret held in file ``path`` without its line end; log if others may read it."""
         try:
-            # O_NONBLOCK: a FIFO in place of the file must not block the run; fstat refuses it next.
-            descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-        except FileNotFoundError:
-            self.problems.append(f"{name}: file {path} does not exist")
+            data, mode = read_bounded_file(path, SECRET_FILE_LIMIT, f"file {path}",
+                                           "; it must hold the secret only")
+        except UnusableFileError as error:
+            self.problems.append(f"{name}: {error}")
             return None
-        except OSError as error:
-            self.problems.append(f"{name}: cannot read {path}: {error.strerror or error}")
-            return None
-        mode = os.fstat(descriptor).st_mode
-        if not stat.S_ISREG(mode):
-            os.close(descriptor)
-            self.problems.append(f"{name}: {path} is not a regular file")
-            return None
-        with os.fdopen(descriptor, "rb") as handle:
-            try:
-                data = handle.read(SECRET_FILE_LIMIT + 1)
-            except OSError as error:
-                self.problems.append(f"{name}: cannot read {path}: {error.strerror or error}")
-                return None
         warn_if_exposed(path, mode, f"secret file {path} ({name})")
-        if len(data) > SECRET_FILE_LIMIT:
-            self.problems.append(f"{name}: file {path} is larger than 64 KiB; it must hold the secret only")
-            return None
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
@@ -286,6 +316,46 @@ def is_systemd_credential(path: Path) -> bool:
         return Path(path).resolve().parent == Path(folder).resolve()
     except OSError:
         return False
+
+
+class UnusableFileError(Exception):
+    """A file that should hold a secret or a key cannot be used; the message names it, never its content."""
+
+
+def read_bounded_file(path: Path, limit: int, what: str, too_large: str,
+                      error: type[Exception] = UnusableFileError) -> tuple[bytes, int]:
+    """Return the content of the regular file ``path`` (a secret or key file) and its ``st_mode``.
+
+    Such a file is small: one bigger than ``limit`` bytes is the wrong file, and only ``limit`` + 1
+    bytes are ever read (``/dev/zero`` named by mistake must not fill memory). A FIFO or device in its
+    place is refused without blocking the run.
+
+    :raises error: (``UnusableFileError`` unless the caller names another) the file does not exist,
+        cannot be read, is not a regular file, or is larger than ``limit``. The message begins with or
+        holds ``what`` (e.g. ``"file /etc/x"``); ``too_large`` ends the one about size ("; it …").
+    """
+    try:
+        # O_NONBLOCK: a FIFO in place of the file must not block the run; fstat refuses it next.
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise error(f"{what} does not exist") from None
+    except OSError as failure:
+        raise error(f"cannot read {what}: {failure.strerror or failure}") from None
+    try:
+        mode = os.fstat(descriptor).st_mode
+        if stat.S_ISREG(mode):
+            with os.fdopen(descriptor, "rb", closefd=False) as handle:
+                data = handle.read(limit + 1)
+    except OSError as failure:
+        raise error(f"cannot read {what}: {failure.strerror or failure}") from None
+    finally:
+        os.close(descriptor)
+    if not stat.S_ISREG(mode):
+        raise error(f"{what} is not a regular file")
+    if len(data) > limit:
+        size = f"{limit // 1024 ** 2} MiB" if limit % 1024 ** 2 == 0 else f"{limit // 1024} KiB"
+        raise error(f"{what} is larger than {size}{too_large}")
+    return data, mode
 
 
 def warn_if_exposed(path: Path, mode: int, subject: str, advice: str = "") -> None:
@@ -353,22 +423,22 @@ def parse_config(data: dict[str, Any], source: Path, environ: Mapping[str, str] 
     if not api_key_given:
         reader.problems.append("BROKER.API_KEY: missing; set it, BROKER.API_KEY_FILE or the environment "
                                f"variable {SECRET_VARIABLES['BROKER.API_KEY']}")
-    call_timeout = reader.number("BROKER", "CALL_TIMEOUT", 60.0, 1, 3600, integer=False)
-    export_timeout = reader.number("BROKER", "EXPORT_TIMEOUT", 1800.0, 1, 86400, integer=False)
-    broker_retries = reader.number("BROKER", "RETRIES", 3, 0, 10, integer=True)
-    concurrency = reader.number("BROKER", "CONCURRENCY", 32, 1, 64, integer=True)
+    call_timeout = reader.number(CALL_TIMEOUT)
+    export_timeout = reader.number(EXPORT_TIMEOUT)
+    broker_retries = reader.number(BROKER_RETRIES)
+    concurrency = reader.number(CONCURRENCY)
     tag = reader.text("REQUESTS", "TAG")
     if tag is not None and "'" in tag:
         reader.problems.append("REQUESTS.TAG: must not contain a single quote (it ends the broker's XPath "
                                "literal)")
-    max_delete_percent = reader.number("REQUESTS", "MAX_DELETE_PERCENT", 50.0, 0, 100, integer=False)
-    max_delete_count = reader.number("REQUESTS", "MAX_DELETE_COUNT", None, 0, None, integer=True)
+    max_delete_percent = reader.number(MAX_DELETE_PERCENT)
+    max_delete_count = reader.number(MAX_DELETE_COUNT)
     ca_bundle = reader.path(None, "REQUESTS_CA_BUNDLE", required=False)
     if ca_bundle is not None and not ca_bundle.is_file():
         reader.problems.append(f"REQUESTS_CA_BUNDLE: file {ca_bundle} does not exist")
 
     host = reader.text("SFTP", "HOST")
-    port = reader.number("SFTP", "PORT", 22, 1, 65535, integer=True)
+    port = reader.number(SFTP_PORT)
     username = reader.text("SFTP", "USERNAME")
     password, password_given = reader.secret("SFTP", "PASSWORD")
     private_key = reader.path("SFTP", "PRIVATE_KEY", required=False)
@@ -379,13 +449,12 @@ def parse_config(data: dict[str, Any], source: Path, environ: Mapping[str, str] 
                                f"{SECRET_VARIABLES['SFTP.PASSWORD']}) or a key (SFTP.PRIVATE_KEY), or both")
     if passphrase_given and not reader.given("SFTP", "PRIVATE_KEY"):
         reader.problems.append("SFTP.PRIVATE_KEY_PASSPHRASE: given without SFTP.PRIVATE_KEY")
-    timeout = reader.number("SFTP", "TIMEOUT", None, 1, 3600, integer=False, required=True)
+    timeout = reader.number(SFTP_TIMEOUT)
     folder = reader.text("SFTP", "FOLDERNAME")
-    upload_ledger = reader.flag("SFTP", "UPLOAD_LEDGER", True)
-    sftp_retries = reader.number("SFTP", "RETRIES", 3, 0, 10, integer=True)
-    # OpenSSH allows 10 sessions per connection (MaxSessions): 8 workers and the main session fit.
-    parallel_uploads = reader.number("SFTP", "PARALLEL_UPLOADS", 8, 1, 9, integer=True)
-    transport = reader.text("SFTP", "TRANSPORT", required=False) or "paramiko"
+    upload_ledger = reader.flag("SFTP", "UPLOAD_LEDGER", DEFAULT_UPLOAD_LEDGER)
+    sftp_retries = reader.number(SFTP_RETRIES)
+    parallel_uploads = reader.number(PARALLEL_UPLOADS)
+    transport = reader.text("SFTP", "TRANSPORT", required=False) or DEFAULT_TRANSPORT
     if transport not in TRANSPORTS:
         reader.problems.append(f"SFTP.TRANSPORT: expected one of {', '.join(map(repr, TRANSPORTS))}, "
                                f"got {transport[:40]!r}")
@@ -393,7 +462,7 @@ def parse_config(data: dict[str, Any], source: Path, environ: Mapping[str, str] 
     working_dir = reader.path("MISC", "WORKING_DIR")
     if working_dir is not None and not working_dir.is_dir():
         reader.problems.append(f"MISC.WORKING_DIR: folder {working_dir} does not exist; create it first")
-    run_timeout = reader.number("MISC", "RUN_TIMEOUT", 14400.0, 60, 604800, integer=False)
+    run_timeout = reader.number(RUN_TIMEOUT)
     known_hosts = reader.path("SFTP", "KNOWN_HOSTS", required=False)
     metrics_file = reader.path("MISC", "METRICS_FILE", required=False)
     log_file = reader.path("MISC", "LOG_FILE", required=False)

@@ -21,7 +21,7 @@ import base64
 import binascii
 import contextlib
 import hashlib
-import logging
+import hmac as stdlib_hmac
 import os
 import re
 import shutil
@@ -37,18 +37,18 @@ from cryptography.hazmat.primitives import hashes, hmac, padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from broker_sftp_uploader.state.atomic import atomic_write, fsync_directory, private_temp_file
-from broker_sftp_uploader.config import is_systemd_credential
+from broker_sftp_uploader.config import read_bounded_file, warn_if_exposed
 from broker_sftp_uploader.errors import DecryptError, KeyFileError, OutputFileError
 
 __all__ = [
     "CHUNK_SIZE", "EncryptingReader", "StreamEncryptor", "decrypt_file", "decrypt_stream",
-    "decrypt_to_stream", "decrypted_name", "encrypt_stream", "encrypted_size", "fingerprint",
-    "generate_key_file", "load_keys", "make_output_dir", "output_path_for",
+    "decrypt_to_stream", "decrypted_name", "encrypt_stream", "encrypted_size", "generate_key_file",
+    "is_possible_token_size", "key_fingerprint", "load_keys", "make_output_dir", "output_path_for",
 ]
 
-log = logging.getLogger(__name__)
-
 CHUNK_SIZE = 64 * 1024
+# A key file holds a few 45-byte lines (and comments); anything bigger is the wrong file.
+KEY_FILE_LIMIT = 64 * 1024
 _VERSION = 0x80
 _HEADER_LEN = 1 + 8 + 16  # version, timestamp, IV
 _MAC_LEN = 32
@@ -72,8 +72,9 @@ def _split_key(key: bytes | str) -> tuple[bytes, bytes]:
     return raw[:16], raw[16:]
 
 
-def fingerprint(key: bytes | str) -> str:
-    """Return the first 8 hex digits of SHA-256 over the key's base64 text: safe to show and compare.
+def key_fingerprint(key: bytes | str) -> str:
+    """Return a Fernet key's fingerprint, safe to show and compare: the first 8 hex digits of SHA-256
+    over the key's base64 text.
 
     The text is hashed without its line end (``printf %s KEY | sha256sum``), so a key reads the same
     whichever file, line end or line it sits on.
@@ -107,7 +108,7 @@ def generate_key_file(path: Path) -> str:
         path.unlink(missing_ok=True)
         raise KeyFileError(f"cannot write key file {path}: {exc.strerror or exc}") from None
     fsync_directory(path.parent)
-    return fingerprint(key)
+    return key_fingerprint(key)
 
 
 def load_keys(path: Path) -> list[bytes]:
@@ -116,18 +117,15 @@ def load_keys(path: Path) -> list[bytes]:
     Blank lines and lines starting with ``#`` are skipped. Logs a warning if group or others may
     access the file (not for a systemd credential, see ``is_systemd_credential``).
 
-    :raises KeyFileError: if the file cannot be read, holds no key, or a line is not a valid key
-        (the message names the file and line number, never the line's text).
+    :raises KeyFileError: if the file is missing, unreadable, not a regular file or too large, holds no
+        key, or a line is not a valid key (the message names the file and line number, never the line's
+        text).
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-        mode = os.stat(path).st_mode
-    except OSError as exc:
-        raise KeyFileError(f"cannot read key file {path}: {exc.strerror or exc}") from None
-    if os.name == "posix" and mode & 0o077 and not is_systemd_credential(path):
-        log.warning("key file %s is accessible by group or others (mode %03o); run: chmod 600 %s",
-                    path, mode & 0o777, path)
+    what = f"key file {path}"
+    data, mode = read_bounded_file(path, KEY_FILE_LIMIT, what, ", so it holds more than keys",
+                                   error=KeyFileError)
+    warn_if_exposed(path, mode, what)
     keys = []
     for number, line in enumerate(data.splitlines(), start=1):
         line = line.strip()
@@ -144,8 +142,23 @@ def load_keys(path: Path) -> list[bytes]:
 
 def encrypted_size(plain_size: int) -> int:
     """Return the exact length in bytes of the Fernet token for ``plain_size`` bytes of plaintext."""
-    raw = _HEADER_LEN + (plain_size // _BLOCK + 1) * _BLOCK + _MAC_LEN
-    return (raw + 2) // 3 * 4
+    return _base64_size(_HEADER_LEN + (plain_size // _BLOCK + 1) * _BLOCK + _MAC_LEN)
+
+
+def is_possible_token_size(size: int) -> bool:
+    """Tell whether some Fernet token is exactly ``size`` bytes long (a truncated file almost never is)."""
+    if size <= 0 or size % 4:
+        return False
+    # The raw token is header, at least one cipher block and the MAC; base64 makes 4 characters of up
+    # to 3 bytes, so ``size`` holds 3/4 of it in raw bytes, or 1 or 2 fewer (padding).
+    overhead = _HEADER_LEN + _MAC_LEN
+    return any(raw >= overhead + _BLOCK and (raw - overhead) % _BLOCK == 0
+               for raw in range(size // 4 * 3 - 2, size // 4 * 3 + 1))
+
+
+def _base64_size(raw_size: int) -> int:
+    """The length of the padded base64 text of ``raw_size`` bytes."""
+    return (raw_size + 2) // 3 * 4
 
 
 class StreamEncryptor:
@@ -163,7 +176,9 @@ class StreamEncryptor:
             raise ValueError("iv must be 16 bytes")
         self._padder = padding.PKCS7(128).padder()
         self._cipher = Cipher(algorithms.AES(encryption_key), modes.CBC(iv)).encryptor()
-        self._mac = hmac.HMAC(signing_key, hashes.SHA256())
+        # The standard library's HMAC-SHA256 (OpenSSL's, through hashlib) lets other threads run while it
+        # hashes, unlike cryptography's: an upload's SSH encryption goes on meanwhile.
+        self._mac = stdlib_hmac.new(signing_key, digestmod=hashlib.sha256)
         self._finished = False
         header = bytes([_VERSION]) + timestamp.to_bytes(8, "big") + iv
         self._mac.update(header)
@@ -191,7 +206,7 @@ class StreamEncryptor:
         self._finished = True
         tail = self._cipher.update(self._padder.finalize()) + self._cipher.finalize()
         self._mac.update(tail)
-        out = self._encode(tail + self._mac.finalize())
+        out = self._encode(tail + self._mac.digest())
         return out + base64.urlsafe_b64encode(self._pending)
 
 

@@ -1,10 +1,8 @@
 """The ``check`` command: a preflight of the whole set-up that changes nothing.
 
-Each step gives one ``Finding`` (ok, warning, failed, info or skipped) with what is wrong and how to
-fix it: config, Fernet key, SSH key, broker, API key, tagged requests, SFTP server and host key,
-SFTP login, FOLDERNAME permissions, ledger, lock. A step that does not depend on a failed one still
-runs (a broker that is down does not stop the SFTP checks). The exit code is that of the first
-failed step.
+Each step (``STEPS``) gives one ``Finding`` (ok, warning, failed, info or skipped) with what is wrong
+and how to fix it. A step that does not depend on a failed one still runs (a broker that is down
+does not stop the SFTP checks). The exit code is that of the first failed step.
 
 Nothing is written: not the ledger, not the lock file (a held lock is only tested), not the partials
 journal, not known_hosts (the SFTP login uses a temporary copy of it, so a new host key is shown
@@ -22,7 +20,6 @@ import os
 import posixpath
 import secrets
 import stat
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +28,7 @@ import paramiko
 
 from broker_sftp_uploader.broker.client import BrokerClient
 from broker_sftp_uploader.config import Config, SftpSettings, load_config
-from broker_sftp_uploader.crypto import fingerprint as key_fingerprint
-from broker_sftp_uploader.crypto import load_keys
+from broker_sftp_uploader.crypto import key_fingerprint, load_keys
 from broker_sftp_uploader.errors import (
     EXIT_BROKER,
     EXIT_LEDGER,
@@ -47,7 +43,7 @@ from broker_sftp_uploader.state.ledger import Ledger
 from broker_sftp_uploader.state.lock import lock_holder
 from broker_sftp_uploader.sftp.readonly_login import sftp_without_recording
 from broker_sftp_uploader.sftp.session import FAILURES, SftpSession, reason
-from broker_sftp_uploader.sftp.ssh_keys import fingerprint, load_known_hosts, load_private_key
+from broker_sftp_uploader.sftp.ssh_keys import load_known_hosts, load_private_key, ssh_fingerprint
 from broker_sftp_uploader.broker.client import broker_client
 
 logger = logging.getLogger(__name__)
@@ -56,13 +52,30 @@ CHECK_VERSION = 1  # of the JSON document
 OK, WARNING, FAILED, INFO, SKIPPED = "ok", "warning", "failed", "info", "skipped"
 PROBE_CONTENT = b"broker-sftp-uploader check: a probe of the folder's permissions, removed at once\n"
 
+# Every step, in the order it runs and reports, with a note on what it checks where the name does not
+# say it all. check's --help lists them from here; each finding below is named by one of them.
+STEPS: dict[str, str] = {
+    "config": "",
+    "fernet key": "",
+    "ssh key": "",
+    "broker": "",
+    "api key": "",
+    "requests": "how many REQUESTS.TAG selects; none is a warning",
+    "sftp server": "host key new, known or changed",
+    "sftp login": "",
+    "sftp folder": "a hidden probe file is written, renamed and removed",
+    "ledger": "",
+    "lock": "is a run going on?",
+}
+_SFTP_STEPS = ("sftp server", "sftp login", "sftp folder")
+
 
 @dataclass(frozen=True)
 class Finding:
     """The outcome of one step; ``exit_code`` is set for a failed one."""
 
     name: str
-    status: str
+    outcome: str  # OK, WARNING, FAILED, INFO or SKIPPED ("status" in the JSON form)
     message: str
     exit_code: int = EXIT_OK
 
@@ -76,21 +89,21 @@ class CheckReport:
     @property
     def exit_code(self) -> int:
         """The code of the first failed step; 0 when none failed (warnings allowed)."""
-        return next((finding.exit_code for finding in self.findings if finding.status == FAILED), EXIT_OK)
+        return next((finding.exit_code for finding in self.findings if finding.outcome == FAILED), EXIT_OK)
 
     def document(self) -> dict:
         """The JSON form: ``{"version": 1, "exit_code": N, "checks": [{"name", "status", "message"}]}``."""
         return {"version": CHECK_VERSION, "exit_code": self.exit_code,
-                "checks": [{"name": finding.name, "status": finding.status, "message": finding.message}
+                "checks": [{"name": finding.name, "status": finding.outcome, "message": finding.message}
                            for finding in self.findings]}
 
     def lines(self) -> list[str]:
         """One line per step, then a summary line."""
         width = max((len(finding.name) for finding in self.findings), default=0)
-        lines = [f"{finding.name:<{width}}  {_shown_status(finding.status):<7}  {finding.message}"
+        lines = [f"{finding.name:<{width}}  {_shown_outcome(finding.outcome):<7}  {finding.message}"
                  for finding in self.findings]
-        failed = [finding.name for finding in self.findings if finding.status == FAILED]
-        warnings = sum(1 for finding in self.findings if finding.status == WARNING)
+        failed = [finding.name for finding in self.findings if finding.outcome == FAILED]
+        warnings = sum(1 for finding in self.findings if finding.outcome == WARNING)
         noted = f", {warnings} warning(s)" if warnings else ""
         if failed:
             lines.append(f"{len(failed)} check(s) failed ({', '.join(failed)}){noted}; "
@@ -100,8 +113,8 @@ class CheckReport:
         return lines
 
 
-def _shown_status(status: str) -> str:
-    return "FAILED" if status == FAILED else status
+def _shown_outcome(outcome: str) -> str:
+    return "FAILED" if outcome == FAILED else outcome
 
 
 def run_checks(config_path: Path) -> CheckReport:
@@ -113,18 +126,16 @@ def run_checks(config_path: Path) -> CheckReport:
     config_finding, config = _step("config", lambda: _check_config(config_path))
     report.findings.append(config_finding)
     if config is None:
-        for name in ("fernet key", "ssh key", "broker", "api key", "requests", "sftp server", "sftp login",
-                     "sftp folder", "ledger", "lock"):
-            report.findings.append(Finding(name, SKIPPED, "needs a valid config"))
+        report.findings += [Finding(name, SKIPPED, "needs a valid config") for name in list(STEPS)[1:]]
         return report
-    deadline = time.monotonic() + config.run_timeout
+    deadline = config.run_deadline()
     report.findings.append(_step("fernet key", lambda: _check_fernet_key(config))[0])
     ssh_key = _step("ssh key", lambda: _check_ssh_key(config))[0]
     report.findings.append(ssh_key)
     report.findings += _check_broker(config, deadline)
-    if ssh_key.status == FAILED:
+    if ssh_key.outcome == FAILED:
         report.findings += [Finding(name, SKIPPED, "needs a usable SSH private key")
-                            for name in ("sftp server", "sftp login", "sftp folder")]
+                            for name in _SFTP_STEPS]
     else:
         report.findings += _check_sftp(config, deadline)
     report.findings.append(_step("ledger", lambda: _check_ledger(config))[0])
@@ -141,8 +152,8 @@ def _step(name: str, work: Callable[[], tuple[Finding, object]]) -> tuple[Findin
         except UploaderError as error:
             finding, value = Finding(name, FAILED, str(error), error.exit_code), None
     if warnings:
-        status = WARNING if finding.status in (OK, INFO) else finding.status
-        finding = dataclasses.replace(finding, status=status, message="; ".join([finding.message, *warnings]))
+        outcome = WARNING if finding.outcome in (OK, INFO) else finding.outcome
+        finding = dataclasses.replace(finding, outcome=outcome, message="; ".join([finding.message, *warnings]))
     return finding, value
 
 
@@ -192,7 +203,7 @@ def _check_ssh_key(config: Config) -> tuple[Finding, None]:
     if settings.private_key is None:
         return Finding("ssh key", SKIPPED, "no SFTP.PRIVATE_KEY configured (password login)"), None
     key = load_private_key(settings.private_key, settings.private_key_passphrase)
-    return Finding("ssh key", OK, f"{settings.private_key}: {key.get_name()} {fingerprint(key)}"), None
+    return Finding("ssh key", OK, f"{settings.private_key}: {key.get_name()} {ssh_fingerprint(key)}"), None
 
 
 # --- the broker ---------------------------------------------------------------------------------------
@@ -249,7 +260,7 @@ def _recorded_keys(settings: SftpSettings) -> str:
     known = load_known_hosts(settings.known_hosts)
     name = settings.host if settings.port == 22 else f"[{settings.host}]:{settings.port}"
     found = known.host_keys.lookup(name) or {}
-    return ", ".join(f"{key.get_name()} {fingerprint(key)}" for key in found.values())
+    return ", ".join(f"{key.get_name()} {ssh_fingerprint(key)}" for key in found.values())
 
 
 def _is_login_refusal(error: UploaderError) -> bool:

@@ -11,8 +11,8 @@ from typing import BinaryIO
 from broker_sftp_uploader.crypto import (
     decrypt_file,
     decrypt_to_stream,
-    fingerprint,
     generate_key_file,
+    key_fingerprint,
     load_keys,
     make_output_dir,
     output_path_for,
@@ -29,7 +29,7 @@ def keygen(path: Path) -> str:
 
 def fingerprints(key_file: Path) -> list[str]:
     """The fingerprint of every key in ``key_file``, in file order (the first is the one sync uses)."""
-    return [fingerprint(key) for key in load_keys(key_file)]
+    return [key_fingerprint(key) for key in load_keys(key_file)]
 
 
 def decrypt(key_files: Sequence[Path], files: Sequence[Path], *, output: Path | None, output_dir: Path | None,

@@ -3,7 +3,7 @@ do and what the server's folder holds against the ledger.
 
 Read-only everywhere. Without ``--remote`` it reads only the ledger, which a sync always replaces in
 one step, so it works while a sync holds the lock. With ``--remote`` it asks the broker for the
-listing and each request's status (as a dry run does) and lists FOLDERNAME over SFTP, logging in
+listing and each request's completion (as a dry run does) and lists FOLDERNAME over SFTP, logging in
 with a throwaway copy of known_hosts (``sftp/readonly_login.py``).
 
 JSON, version 1::
@@ -29,7 +29,6 @@ newest first; null for what the ledger does not hold; timestamps exactly as in t
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,8 @@ from pathlib import Path
 from broker_sftp_uploader.config import Config
 from broker_sftp_uploader.state.ledger import Ledger, LedgerEntry
 from broker_sftp_uploader.engine.audit import RemoteComparison, compare_remote
-from broker_sftp_uploader.engine.plan import Delete, DeletionGuard, Plan, Upload, list_requests, plan_sync
+from broker_sftp_uploader.engine.plan import (Delete, DeletionGuard, Plan, Upload, fetch_completions,
+                                              list_requests, plan_sync)
 
 logger = logging.getLogger(__name__)
 
@@ -128,10 +128,10 @@ def _remote_view(config: Config, entries: Mapping[str, LedgerEntry]) -> RemoteVi
     from broker_sftp_uploader.sftp.readonly_login import sftp_without_recording
     from broker_sftp_uploader.broker.client import broker_client
 
-    deadline = time.monotonic() + config.run_timeout
+    deadline = config.run_deadline()
     tag = config.broker.tag
     with broker_client(config, deadline) as broker:
-        listing = broker.get_completions(list_requests(broker, tag))
+        listing = fetch_completions(broker, list_requests(broker, tag), config.broker.concurrency)
     plan = plan_sync(listing, entries, DeletionGuard(config.max_delete_percent, config.max_delete_count))
     with sftp_without_recording(config, deadline) as visit:
         if visit.error is not None:

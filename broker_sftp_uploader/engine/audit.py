@@ -11,21 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from broker_sftp_uploader.crypto import is_possible_token_size
 from broker_sftp_uploader.state.ledger import LEDGER_FILE, LedgerEntry
-
-_FERNET_OVERHEAD = 1 + 8 + 16 + 32  # version, timestamp, IV, HMAC around the ciphertext
-_BLOCK = 16
-
-
-def is_possible_token_size(size: int) -> bool:
-    """True when some Fernet token (url-safe base64, padded) is exactly ``size`` bytes long."""
-    if size <= 0 or size % 4:
-        return False
-    # The raw token is 57 + 16 * blocks bytes (at least one block); base64 makes 4 characters of 3 bytes.
-    for raw in range(size // 4 * 3 - 2, size // 4 * 3 + 1):
-        if raw >= _FERNET_OVERHEAD + _BLOCK and (raw - _FERNET_OVERHEAD) % _BLOCK == 0:
-            return True
-    return False
 
 
 @dataclass(frozen=True)
