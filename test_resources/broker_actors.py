@@ -1,6 +1,7 @@
 """The broker admin and hospital nodes of the integration test, acting over real HTTP.
 
-Python: ``create_request(url, "rki")``, ``post_status(url, NODE1_KEY, 0, "completed")``, ...
+Python: ``create_request(url, "rki")``, ``post_status(url, NODE1_KEY, 0, "completed")``, ...; most tests need
+just ``publish_completed(url)``: a request a node has answered.
 Shell:  ``python -m test_resources.broker_actors URL create rki`` (see ``--help``).
 Every function raises `BrokerActorError` when the broker answers an unexpected status.
 """
@@ -8,6 +9,7 @@ Every function raises `BrokerActorError` when the broker answers an unexpected s
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ from pathlib import Path
 import requests
 from lxml import etree
 
+# The original integration test's keys; the broker emulator accepts these (it takes them from here).
 ADMIN_KEY = "xxxAdmin1234"
 NODE1_KEY = "xxxApiKey123"
 NODE2_KEY = "xxxApiKey567"
@@ -70,12 +73,12 @@ def create_request(base_url: str, tag: str, admin_key: str = ADMIN_KEY, publish:
     return request_id
 
 
-def publish_request(base_url: str, request_id: int, admin_key: str = ADMIN_KEY) -> None:
+def publish_request(base_url: str, request_id: int | str, admin_key: str = ADMIN_KEY) -> None:
     """Publish a request to the nodes."""
     _call("POST", f"{base_url}/broker/request/{request_id}/publish", admin_key, 204)
 
 
-def delete_request(base_url: str, request_id: int, admin_key: str = ADMIN_KEY) -> None:
+def delete_request(base_url: str, request_id: int | str, admin_key: str = ADMIN_KEY) -> None:
     """Delete a request (the broker keeps its status rows and results)."""
     _call("DELETE", f"{base_url}/broker/request/{request_id}", admin_key, 204)
 
@@ -93,13 +96,13 @@ def count_requests(base_url: str, node_key: str) -> int:
     return len(root.findall(f"{{{NS}}}request"))
 
 
-def post_status(base_url: str, node_key: str, request_id: int, status: str) -> None:
+def post_status(base_url: str, node_key: str, request_id: int | str, status: str) -> None:
     """Report a status word (`retrieved`, `completed`, ...) for a request, as a node."""
     _call("POST", f"{base_url}/broker/my/request/{request_id}/status/{status}", node_key, 204)
 
 
 def put_result(
-    base_url: str, node_key: str, request_id: int, data: bytes | Path, content_type: str = "text/csv"
+    base_url: str, node_key: str, request_id: int | str, data: bytes | Path, content_type: str = "text/csv"
 ) -> None:
     """Upload a node's result; a Path is streamed from disk."""
     url = f"{base_url}/aggregator/my/request/{request_id}/result"
@@ -109,6 +112,26 @@ def put_result(
             _call("PUT", url, node_key, 204, data=stream, headers=headers)
     else:
         _call("PUT", url, node_key, 204, data=data, headers=headers)
+
+
+def publish_completed(
+    base_url: str, tag: str = "rki", *, node_key: str = NODE1_KEY, result: bytes | Path = b"a;b\n"
+) -> str:
+    """Create and publish a request tagged `tag`, upload `result` for it as node `node_key` (a Path is
+    streamed from disk) and report it completed; returns its id, as the uploader names it (a string)."""
+    request_id = create_request(base_url, tag)
+    put_result(base_url, node_key, request_id, result)
+    post_status(base_url, node_key, request_id, "completed")
+    return str(request_id)
+
+
+def write_incompressible_file(path: Path, mebibytes: int) -> Path:
+    """Write ``mebibytes`` MiB of random bytes to ``path``, a large result that the broker's deflate cannot
+    shrink (one random MiB repeated: far beyond deflate's 32 KiB window); returns ``path``."""
+    block = os.urandom(1024 * 1024)
+    with open(path, "wb") as handle:
+        handle.writelines(block for _ in range(mebibytes))
+    return path
 
 
 def count_nodes(base_url: str, admin_key: str = ADMIN_KEY) -> int:

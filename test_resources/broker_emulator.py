@@ -5,7 +5,8 @@ In-process::
     with BrokerEmulator() as broker:
         requests.head(broker.url + "/broker/status")
 
-Standalone: ``python -m test_resources.broker_emulator [--host H] [--port P] [--port-file F] [--data-dir D]``.
+Standalone: ``python -m test_resources.broker_emulator [--host H] [--port P] [--port-file F] [--data-dir D]
+[--tls-cert C --tls-key K]``.
 Results and export bundles live on disk and are streamed in chunks, so GiB-sized results use constant memory.
 """
 
@@ -19,6 +20,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import sys
 import tempfile
 import threading
@@ -37,12 +39,13 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from requests.structures import CaseInsensitiveDict
 
 from test_resources import broker_xml as bx
+from test_resources.broker_actors import ADMIN_KEY, NODE1_KEY, NODE2_KEY
 
 DEFAULT_API_KEYS = {
-    "xxxApiKey123": "CN=Schwarzwaldklinik,O=Schwarzwaldklinik,L=Schwarzwald",
-    "xxxApiKey567": "CN=Plainsboro Teaching Hospital,O=Plainsboro Teaching Hospital,L=New Jersey",
+    NODE1_KEY: "CN=Schwarzwaldklinik,O=Schwarzwaldklinik,L=Schwarzwald",
+    NODE2_KEY: "CN=Plainsboro Teaching Hospital,O=Plainsboro Teaching Hospital,L=New Jersey",
     "xxxApiKey890": "CN=Grey Sloan Memorial Hospital,O=Grey Sloan Memorial Hospital,L=Seattle",
-    "xxxAdmin1234": "CN=Admin,O=AKTIN,OU=admin",
+    ADMIN_KEY: "CN=Admin,O=AKTIN,OU=admin",
 }
 CHUNK_SIZE = 64 * 1024
 XML, TEXT = "application/xml", "text/plain"
@@ -351,6 +354,7 @@ class BrokerEmulator:
         api_keys: dict[str, str] | None = None,
         download_lifetime: float = 600.0,
         latency: float = 0.0,
+        tls: tuple[Path, Path] | None = None,
     ):
         self.host = host
         self.port = port
@@ -358,6 +362,11 @@ class BrokerEmulator:
         self._api_keys = dict(DEFAULT_API_KEYS if api_keys is None else api_keys)
         self._download_lifetime = download_lifetime
         self.latency = latency  # seconds added before every response, like a broker across a network
+        # HTTPS with this (certificate chain file, private key file), as a broker behind a TLS proxy.
+        self.tls_context: ssl.SSLContext | None = None
+        if tls is not None:
+            self.tls_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self.tls_context.load_cert_chain(*tls)
         self.export_seconds: list[float] = []  # how long each bundle took to build (for benchmarks)
         self._lock = threading.Lock()
         self._server: _Server | None = None
@@ -423,7 +432,7 @@ class BrokerEmulator:
     @property
     def url(self) -> str:
         """Base URL without trailing slash, e.g. `http://127.0.0.1:41234`."""
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls_context else 'http'}://{self.host}:{self.port}"
 
     @property
     def data_dir(self) -> Path:
@@ -1025,6 +1034,9 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s " + format, self.address_string(), *args)
 
     def setup(self) -> None:
+        context = self.server.emulator.tls_context
+        if context is not None:  # the handshake runs in this connection's thread, not in the accept loop
+            self.request = context.wrap_socket(self.request, server_side=True)
         super().setup()
         self.server.track(self.connection, True)
 
@@ -1078,13 +1090,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--port-file", type=Path, help="write the bound port here (atomically)")
     parser.add_argument("--data-dir", type=Path, help="keep results and bundles here instead of a temp dir")
+    parser.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate chain (PEM)")
+    parser.add_argument("--tls-key", type=Path, help="the private key of --tls-cert (PEM)")
     parser.add_argument("--latency", type=float, default=0.0,
                         help="seconds added before every response (a broker across a network)")
     args = parser.parse_args(argv)
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
-    with BrokerEmulator(args.host, args.port, data_dir=args.data_dir, latency=args.latency) as emulator:
+    tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
+    with BrokerEmulator(args.host, args.port, data_dir=args.data_dir, latency=args.latency, tls=tls) as emulator:
         print(f"broker emulator listening on {emulator.url}", flush=True)
         if args.port_file is not None:
             partial = args.port_file.with_name(f".{args.port_file.name}.{os.getpid()}.tmp")

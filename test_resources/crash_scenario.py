@@ -65,27 +65,20 @@ class ScenarioRequests:
         return f"export_{request_id}.zip"
 
 
-def _completed_request(url: str, result: bytes | Path) -> str:
-    request_id = actors.create_request(url, TAG)
-    actors.put_result(url, actors.NODE1_KEY, request_id, result)
-    actors.post_status(url, actors.NODE1_KEY, request_id, "completed")
-    return str(request_id)
-
-
 def prepare_initial_requests(url: str) -> ScenarioRequests:
     """Given a fresh broker, create A, B and E, each completed by node 1 with a small result."""
-    deleted = _completed_request(url, b"a;b\n1;2\n")
-    changed = _completed_request(url, b"c;d\n3;4\n")
-    unchanged = _completed_request(url, b"e;f\n5;6\n")
+    deleted = actors.publish_completed(url, TAG, result=b"a;b\n1;2\n")
+    changed = actors.publish_completed(url, TAG, result=b"c;d\n3;4\n")
+    unchanged = actors.publish_completed(url, TAG, result=b"e;f\n5;6\n")
     return ScenarioRequests(deleted=deleted, changed=changed, unchanged=unchanged)
 
 
 def change_broker(url: str, initial: ScenarioRequests, large_result: Path) -> ScenarioRequests:
     """Delete A, let node 2 report on B, add C with ``large_result`` and D; return all ids."""
-    actors.delete_request(url, int(initial.deleted))
-    actors.post_status(url, actors.NODE2_KEY, int(initial.changed), "retrieved")
-    large = _completed_request(url, large_result)
-    small = _completed_request(url, b"g;h\n7;8\n")
+    actors.delete_request(url, initial.deleted)
+    actors.post_status(url, actors.NODE2_KEY, initial.changed, "retrieved")
+    large = actors.publish_completed(url, TAG, result=large_result)
+    small = actors.publish_completed(url, TAG, result=b"g;h\n7;8\n")
     return ScenarioRequests(initial.deleted, initial.changed, initial.unchanged, large, small)
 
 
@@ -99,12 +92,6 @@ def broker_completion(url: str, request_id: str) -> str:
     rows = etree.fromstring(response.content).findall(f"{{{actors.NS}}}request-status-info")
     completed = sum(1 for row in rows if row.find(f"{{{actors.NS}}}completed") is not None)
     return str(round(completed / len(rows), 2)) if rows else "0.0"
-
-
-def write_incompressible_file(path: Path, mebibytes: int) -> None:
-    """Random bytes, so neither the broker's deflate nor anything else shrinks the upload."""
-    with open(path, "wb") as handle:
-        handle.writelines(os.urandom(1024 * 1024) for _ in range(mebibytes))
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,6 @@ import os
 import pwd
 import re
 import secrets
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,23 +29,20 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from test_resources.server_process import ServerProcess, serve_until_signal
+from test_resources.server_process import ServerProcess, ServerUnavailable, find_program, serve_until_signal
 
 USERNAME = "bsu-proftpd"
 NO_RENAME_FOLDER = "no-rename"
 FIX_HINT = "run as root after `apt-get install -y proftpd-core proftpd-mod-crypto openssl`"
 
 
-class ProftpdUnavailable(RuntimeError):
+class ProftpdUnavailable(ServerUnavailable):
     """ProFTPD with mod_sftp cannot be launched on this machine (missing packages or not root)."""
 
 
 def _tool(name: str) -> str:
-    """Absolute path of a required program, also searching the sbin dirs."""
-    path = shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
-    if path is None:
-        raise ProftpdUnavailable(f"`{name}` not found; {FIX_HINT}")
-    return os.path.abspath(path)
+    """Absolute path of a required program; :raises ProftpdUnavailable: it is not installed."""
+    return find_program(name, ProftpdUnavailable, FIX_HINT)
 
 
 def _module_dir(proftpd: str) -> Path:

@@ -1,6 +1,6 @@
-"""What the throw-away SFTP server launchers (sshd.py, proftpd.py) share: a free port, the launch and
-the wait for the SSH banner, stopping the server with every session process, and the standalone mode
-that serves until SIGTERM."""
+"""What the throw-away server launchers (sshd.py, proftpd.py, forward_proxy.py) share: finding their
+programs, a free port, the launch and the wait for the SSH banner, stopping the server with every session
+process, and the standalone mode that serves until SIGTERM."""
 
 from __future__ import annotations
 
@@ -24,6 +24,28 @@ PORT_ATTEMPTS = 5
 START_TIMEOUT = 10.0
 
 
+class ServerUnavailable(RuntimeError):
+    """A server cannot be launched on this machine (a program is missing, or this is not root)."""
+
+
+def find_program(name: str, unavailable: type[ServerUnavailable], hint: str) -> str:
+    """Absolute path of the program ``name``, also searched for in the sbin folders.
+
+    :raises ServerUnavailable: (as ``unavailable``) it is not installed; the message ends with ``hint``.
+    """
+    path = shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
+    if path is None:
+        raise unavailable(f"`{name}` not found; {hint}")
+    return os.path.abspath(path)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nobody listened on a moment ago (it may be taken since)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
 def _proc_stat(pid: int | str) -> list[str]:
     """Fields of /proc/PID/stat after the command name: state, ppid, ..."""
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -37,15 +59,26 @@ def alive(pid: int) -> bool:
         return False
 
 
+def _pids_by_parent() -> dict[int, list[int]]:
+    """Every running process's pid, grouped by its parent's pid."""
+    by_parent: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            by_parent.setdefault(int(_proc_stat(entry.name)[1]), []).append(int(entry.name))
+    return by_parent
+
+
+def children(pid: int) -> list[int]:
+    """Pids of the direct children of ``pid``."""
+    return _pids_by_parent().get(pid, [])
+
+
 def descendants(pid: int) -> list[int]:
     """Pids of all descendants of ``pid`` (the server's session processes)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        with contextlib.suppress(OSError, IndexError):
-            children.setdefault(int(_proc_stat(entry.name)[1]), []).append(int(entry.name))
+    by_parent = _pids_by_parent()
     found, todo = [], [pid]
     while todo:
-        kids = children.get(todo.pop(), [])
+        kids = by_parent.get(todo.pop(), [])
         found += kids
         todo += kids
     return found
@@ -75,7 +108,7 @@ class ServerProcess:
 
     @staticmethod
     def check_available() -> None:
-        """Raise unless the server can be launched here."""
+        """:raises ServerUnavailable: the server cannot be launched here."""
 
     def _prepare(self) -> None:
         raise NotImplementedError
@@ -115,9 +148,7 @@ class ServerProcess:
             raise
 
     def _free_port(self) -> int:
-        with socket.socket() as sock:
-            sock.bind((self.host, 0))
-            return sock.getsockname()[1]
+        return free_port(self.host)  # a method, so that a test can hand out a taken port first
 
     def _launch(self, port: int) -> bool:
         """Run the server on ``port``: False if the port got taken meanwhile, True once it serves."""

@@ -26,7 +26,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_resources.server_process import ServerProcess, alive, serve_until_signal
+from test_resources.server_process import (ServerProcess, ServerUnavailable, alive, find_program,
+                                           serve_until_signal)
 
 GROUP = "bsu-sftp"
 PASSWORD_USER = "bsu-sftp"
@@ -39,16 +40,13 @@ STATE_DIR = Path("/run/bsu-sftp-harness")
 FIX_HINT = "run as root after `apt-get install -y openssh-server openssh-sftp-server`"
 
 
-class SshdUnavailable(RuntimeError):
+class SshdUnavailable(ServerUnavailable):
     """sshd cannot be launched on this machine (missing binaries or not root)."""
 
 
 def _tool(name: str) -> str:
-    """Absolute path of a required system tool, also searching the sbin dirs."""
-    path = shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
-    if path is None:
-        raise SshdUnavailable(f"`{name}` not found; {FIX_HINT}")
-    return os.path.abspath(path)
+    """Absolute path of a required system tool; :raises SshdUnavailable: it is not installed."""
+    return find_program(name, SshdUnavailable, FIX_HINT)
 
 
 def _run(*args: str, stdin: str | None = None, ok: tuple[int, ...] = (0,)) -> None:

@@ -24,9 +24,9 @@ from test_resources.broker_emulator import BrokerEmulator
 REPO = Path(__file__).resolve().parents[2]
 NS = "http://aktin.org/ns/exchange"
 DECL = b'<?xml version="1.0" encoding="UTF-8" standalone="yes"?>'
-ADMIN = {"Authorization": "Bearer xxxAdmin1234"}
-NODE1 = {"Authorization": "Bearer xxxApiKey123"}
-NODE2 = {"Authorization": "Bearer xxxApiKey567"}
+ADMIN = {"Authorization": f"Bearer {actors.ADMIN_KEY}"}
+NODE1 = {"Authorization": f"Bearer {actors.NODE1_KEY}"}
+NODE2 = {"Authorization": f"Bearer {actors.NODE2_KEY}"}
 QUERY_TYPE = "application/vnd.aktin.query.request+xml"
 CSV = {"Content-Type": "text/csv"}
 RESULT = b"a;b\\n1;2\\n3;4\\n"  # what the original test sends with curl -d (literal backslash-n)
@@ -354,12 +354,12 @@ NODE_ENDPOINTS = [
 ]
 BAD_CREDENTIALS = [
     None,
-    "bearer xxxAdmin1234",
-    "Bearer  xxxAdmin1234",
-    "Bearer xxxAdmin1234 ",
-    "Basic xxxAdmin1234",
-    "xxxAdmin1234",
-    "Bearer xxxadmin1234",
+    f"bearer {actors.ADMIN_KEY}",
+    f"Bearer  {actors.ADMIN_KEY}",
+    f"Bearer {actors.ADMIN_KEY} ",
+    f"Basic {actors.ADMIN_KEY}",
+    actors.ADMIN_KEY,
+    f"Bearer {actors.ADMIN_KEY.lower()}",
     "Bearer nope",
 ]
 
@@ -559,7 +559,7 @@ def test_fault_status_and_log(emulator):
     method, path, query, headers = emulator.requests_log[0]
     assert (method, path) == ("GET", "/broker/request/filtered")
     assert "predicate=true%28%29" in query
-    assert headers["authorization"] == "Bearer xxxAdmin1234" and headers["Accept"] == "application/xml"
+    assert headers["authorization"] == f"Bearer {actors.ADMIN_KEY}" and headers["Accept"] == "application/xml"
     assert len(emulator.requests_log) == 6
     emulator.requests_log.clear()
     assert emulator.requests_log == []

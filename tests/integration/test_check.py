@@ -6,27 +6,26 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import tempfile
 from pathlib import Path
 
 import pytest
 
+from broker_sftp_uploader.commands.check import STEPS as check_steps
 from broker_sftp_uploader.state.lock import LOCK_FILE_NAME, RunLock
 from test_resources import broker_actors as actors
-from tests.conftest import ADMIN_KEY, CLIENT_1
+from test_resources.broker_actors import ADMIN_KEY, NODE1_KEY
+from tests.conftest import closed_port
+from tests.integration.test_secrets_never_shown import WRONG_SECRET, use_every_secret
 
-STEPS = ["config", "fernet key", "ssh key", "broker", "api key", "requests", "sftp server", "sftp login",
-         "sftp folder", "ledger", "lock"]
+STEPS = list(check_steps)
 OTHER_HOST_KEY = "AAAAC3NzaC1lZDI1NTE5AAAAIAb3T5kQb6JqJXn0gx7ZP1d7oYQpZ0b8l5n2Zp9Rk1bX"
 
 
 @pytest.fixture
-def prepared(broker, workspace, sshd):
+def synced_once(broker, workspace, sshd):
     """A working set-up after one sync: request 0 uploaded, ledger and known_hosts written."""
-    request_id = actors.create_request(broker.url, "rki")
-    actors.put_result(broker.url, CLIENT_1, request_id, b"a;b\n")
-    actors.post_status(broker.url, CLIENT_1, request_id, "completed")
+    actors.publish_completed(broker.url)
     workspace.pin_host_key(sshd)
     first = workspace.sync()
     assert first.returncode == 0, first.stderr
@@ -80,6 +79,15 @@ def run_check(workspace, *extra: str, env: dict[str, str] | None = None) -> tupl
     return result.returncode, {check["name"]: check for check in document["checks"]}
 
 
+def run_check_changing_nothing(workspace, *remote_folders: Path) -> tuple[int, dict[str, dict]]:
+    """`run_check`, which must leave the working folder, the server folder and ``remote_folders`` as they
+    were (see `Unchanged`)."""
+    unchanged = Unchanged(workspace, *remote_folders)
+    code, checks = run_check(workspace)
+    unchanged.verify()
+    return code, checks
+
+
 def statuses(checks: dict[str, dict]) -> dict[str, str]:
     return {name: check["status"] for name, check in checks.items()}
 
@@ -91,15 +99,9 @@ def assert_all_else_ok(checks: dict[str, dict], *exceptions: str) -> None:
             assert check["status"] == expected, check
 
 
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def test_good_setup_passes_one_line_per_step_and_changes_nothing(prepared, sshd):
-    unchanged = Unchanged(prepared)
-    result = prepared.run("check", "-c", str(prepared.config_path))
+def test_good_setup_passes_one_line_per_step_and_changes_nothing(synced_once, sshd):
+    unchanged = Unchanged(synced_once)
+    result = synced_once.run("check", "-c", str(synced_once.config_path))
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stderr == ""
     lines = result.stdout.splitlines()
@@ -107,7 +109,7 @@ def test_good_setup_passes_one_line_per_step_and_changes_nothing(prepared, sshd)
     assert lines[-1] == "all checks passed"
     text = result.stdout
     assert "requests     ok       1 request(s) tagged 'rki'" in text
-    assert f"answers with the host key recorded in {prepared.working_dir / 'known_hosts'}" in text
+    assert f"answers with the host key recorded in {synced_once.working_dir / 'known_hosts'}" in text
     assert sshd.host_key_fingerprint in text
     assert "allows write, rename and delete" in text
     assert "holds 1 request(s): 1 live, 0 deleted" in text
@@ -115,35 +117,30 @@ def test_good_setup_passes_one_line_per_step_and_changes_nothing(prepared, sshd)
     unchanged.verify()
 
 
-def test_good_setup_as_json(prepared):
-    unchanged = Unchanged(prepared)
-    code, checks = run_check(prepared)
+def test_good_setup_as_json(synced_once):
+    code, checks = run_check_changing_nothing(synced_once)
     assert code == 0
     assert_all_else_ok(checks)
     assert checks["api key"]["message"] == "BROKER.API_KEY is an admin key"
-    unchanged.verify()
 
 
-def test_bad_fernet_key_exits_12_and_the_rest_still_runs(prepared):
-    prepared.key_path.write_text("not a fernet key\n")
-    unchanged = Unchanged(prepared)
-    code, checks = run_check(prepared)
+def test_bad_fernet_key_exits_12_and_the_rest_still_runs(synced_once):
+    synced_once.key_path.write_text("not a fernet key\n")
+    code, checks = run_check_changing_nothing(synced_once)
     assert code == 12
     assert checks["fernet key"]["status"] == "failed"
-    assert checks["fernet key"]["message"] == (f"key file {prepared.key_path}, line 1: not a valid Fernet key "
-                                               "(expected 44 characters of url-safe base64)")
+    assert checks["fernet key"]["message"] == (f"key file {synced_once.key_path}, line 1: not a valid Fernet "
+                                               "key (expected 44 characters of url-safe base64)")
     assert_all_else_ok(checks, "fernet key")
-    unchanged.verify()
 
 
-def test_bad_ssh_key_exits_12_and_skips_the_sftp_steps(prepared, sshd):
-    public = prepared.root / "id.pub"
+def test_bad_ssh_key_exits_12_and_skips_the_sftp_steps(synced_once, sshd):
+    public = synced_once.root / "id.pub"
     public.write_text(sshd.host_public_key_line + "\n")
     public.chmod(0o600)
-    prepared.rewrite_config(f'USERNAME = "{sshd.password_user}"\nPASSWORD = "{sshd.password}"',
-                            f'USERNAME = "{sshd.key_user}"\nPRIVATE_KEY = "{public}"')
-    unchanged = Unchanged(prepared)
-    code, checks = run_check(prepared)
+    synced_once.rewrite_config(f'USERNAME = "{sshd.password_user}"\nPASSWORD = "{sshd.password}"',
+                               f'USERNAME = "{sshd.key_user}"\nPRIVATE_KEY = "{public}"')
+    code, checks = run_check_changing_nothing(synced_once)
     assert code == 12
     assert checks["ssh key"]["status"] == "failed"
     assert checks["ssh key"]["message"] == (f"SSH private key {public} (SFTP.PRIVATE_KEY) holds a public key; "
@@ -152,76 +149,65 @@ def test_bad_ssh_key_exits_12_and_skips_the_sftp_steps(prepared, sshd):
         assert checks[name]["status"] == "skipped"
     for name in ("broker", "api key", "requests", "ledger"):
         assert checks[name]["status"] == "ok"
-    unchanged.verify()
 
 
-def test_good_key_login_names_the_key(prepared, sshd):
+def test_good_key_login_names_the_key(synced_once, sshd):
     key = sshd.client_key("ed25519")
-    prepared.rewrite_config(f'USERNAME = "{sshd.password_user}"\nPASSWORD = "{sshd.password}"',
-                            f'USERNAME = "{sshd.key_user}"\nPRIVATE_KEY = "{key}"')
-    prepared.rewrite_config(f'FOLDERNAME = "{prepared.remote.name}"', 'FOLDERNAME = "rki"')
-    unchanged = Unchanged(prepared, sshd.folder("rki"))
-    code, checks = run_check(prepared)
+    synced_once.rewrite_config(f'USERNAME = "{sshd.password_user}"\nPASSWORD = "{sshd.password}"',
+                               f'USERNAME = "{sshd.key_user}"\nPRIVATE_KEY = "{key}"')
+    synced_once.rewrite_config(f'FOLDERNAME = "{synced_once.remote.name}"', 'FOLDERNAME = "rki"')
+    code, checks = run_check_changing_nothing(synced_once, sshd.folder("rki"))
     assert code == 0, checks
     assert checks["ssh key"]["status"] == "ok"
     assert checks["ssh key"]["message"].startswith(f"{key}: ssh-ed25519 SHA256:")
     assert checks["sftp login"]["message"] == f"logged in as {sshd.key_user} with the key"
-    unchanged.verify()
 
 
-def test_wrong_api_key_exits_13(prepared):
-    prepared.rewrite_config(f'API_KEY = "{ADMIN_KEY}"', 'API_KEY = "not-a-known-key"')
-    unchanged = Unchanged(prepared)
-    code, checks = run_check(prepared)
+def test_wrong_api_key_exits_13(synced_once):
+    synced_once.rewrite_config(f'API_KEY = "{ADMIN_KEY}"', 'API_KEY = "not-a-known-key"')
+    code, checks = run_check_changing_nothing(synced_once)
     assert code == 13
     assert checks["api key"]["status"] == "failed"
     assert checks["api key"]["message"] == ("the broker does not know BROKER.API_KEY (401: unknown or inactive "
                                             "key); check it against the broker's api-keys.properties")
     assert checks["requests"]["status"] == "skipped"
     assert_all_else_ok(checks, "api key", "requests")
-    unchanged.verify()
 
 
-def test_node_key_instead_of_admin_key_exits_13_saying_so(prepared):
-    prepared.rewrite_config(f'API_KEY = "{ADMIN_KEY}"', f'API_KEY = "{CLIENT_1}"')
-    unchanged = Unchanged(prepared)
-    code, checks = run_check(prepared)
+def test_node_key_instead_of_admin_key_exits_13_saying_so(synced_once):
+    synced_once.rewrite_config(f'API_KEY = "{ADMIN_KEY}"', f'API_KEY = "{NODE1_KEY}"')
+    code, checks = run_check_changing_nothing(synced_once)
     assert code == 13
     assert checks["api key"]["status"] == "failed"
     assert "a node (hospital) key, not an admin key" in checks["api key"]["message"]
     assert checks["requests"]["status"] == "skipped"
     assert_all_else_ok(checks, "api key", "requests")
-    unchanged.verify()
 
 
-def test_tag_selecting_nothing_is_a_warning_naming_the_tag(prepared):
-    prepared.rewrite_config('TAG = "rki"', 'TAG = "no-such-tag"')
-    unchanged = Unchanged(prepared)
-    code, checks = run_check(prepared)
+def test_tag_selecting_nothing_is_a_warning_naming_the_tag(synced_once):
+    synced_once.rewrite_config('TAG = "rki"', 'TAG = "no-such-tag"')
+    code, checks = run_check_changing_nothing(synced_once)
     assert code == 0
     assert checks["requests"]["status"] == "warning"
     assert "no request on the broker is tagged 'no-such-tag' (REQUESTS.TAG)" in checks["requests"]["message"]
     assert_all_else_ok(checks, "requests")
-    unchanged.verify()
 
 
-def test_unreachable_broker_exits_13_and_sftp_is_still_checked(prepared, broker):
-    prepared.rewrite_config(f'URL = "{broker.url}"', f'URL = "http://127.0.0.1:{closed_port()}"\nRETRIES = 0')
-    unchanged = Unchanged(prepared)
-    code, checks = run_check(prepared)
+def test_unreachable_broker_exits_13_and_sftp_is_still_checked(synced_once, broker):
+    synced_once.rewrite_config(f'URL = "{broker.url}"',
+                               f'URL = "http://127.0.0.1:{closed_port()}"\nRETRIES = 0')
+    code, checks = run_check_changing_nothing(synced_once)
     assert code == 13
     assert checks["broker"]["status"] == "failed"
     assert "connection refused" in checks["broker"]["message"]
     assert "check BROKER.URL" in checks["broker"]["message"]
     assert checks["api key"]["status"] == checks["requests"]["status"] == "skipped"
     assert_all_else_ok(checks, "broker", "api key", "requests")
-    unchanged.verify()
 
 
-def test_wrong_sftp_password_exits_14(prepared, sshd):
-    prepared.rewrite_config(f'PASSWORD = "{sshd.password}"', 'PASSWORD = "wrong-password"')
-    unchanged = Unchanged(prepared)
-    code, checks = run_check(prepared)
+def test_wrong_sftp_password_exits_14(synced_once, sshd):
+    synced_once.rewrite_config(f'PASSWORD = "{sshd.password}"', 'PASSWORD = "wrong-password"')
+    code, checks = run_check_changing_nothing(synced_once)
     assert code == 14
     assert checks["sftp server"]["status"] == "ok"
     assert checks["sftp login"]["status"] == "failed"
@@ -229,14 +215,12 @@ def test_wrong_sftp_password_exits_14(prepared, sshd):
                                                "refused; check SFTP.USERNAME and SFTP.PASSWORD")
     assert checks["sftp folder"]["status"] == "skipped"
     assert_all_else_ok(checks, "sftp login", "sftp folder")
-    unchanged.verify()
 
 
-def test_changed_host_key_exits_14_and_known_hosts_stays(prepared, sshd):
-    known_hosts = prepared.working_dir / "known_hosts"
+def test_changed_host_key_exits_14_and_known_hosts_stays(synced_once, sshd):
+    known_hosts = synced_once.working_dir / "known_hosts"
     known_hosts.write_text(f"[127.0.0.1]:{sshd.port} ssh-ed25519 {OTHER_HOST_KEY}\n")
-    unchanged = Unchanged(prepared)
-    code, checks = run_check(prepared)
+    code, checks = run_check_changing_nothing(synced_once)
     assert code == 14
     assert checks["sftp server"]["status"] == "failed"
     message = checks["sftp server"]["message"]
@@ -244,24 +228,20 @@ def test_changed_host_key_exits_14_and_known_hosts_stays(prepared, sshd):
     assert sshd.host_key_fingerprint in message  # the key the server presented
     assert checks["sftp login"]["status"] == checks["sftp folder"]["status"] == "skipped"
     assert_all_else_ok(checks, "sftp server", "sftp login", "sftp folder")
-    unchanged.verify()
 
 
-def test_broken_known_hosts_line_names_the_real_file(prepared, sshd):
-    known_hosts = prepared.working_dir / "known_hosts"
+def test_broken_known_hosts_line_names_the_real_file(synced_once, sshd):
+    known_hosts = synced_once.working_dir / "known_hosts"
     known_hosts.write_text(f"[127.0.0.1]:{sshd.port} {sshd.host_public_key_line}\nnot an entry\n")
-    unchanged = Unchanged(prepared)
-    code, checks = run_check(prepared)
+    code, checks = run_check_changing_nothing(synced_once)
     assert code == 14
     assert checks["sftp server"]["status"] == "failed"
     assert checks["sftp server"]["message"].startswith(f"known_hosts file {known_hosts}, line 2: ")
-    unchanged.verify()
 
-def test_new_host_key_is_shown_and_not_recorded(prepared, sshd):
-    known_hosts = prepared.working_dir / "known_hosts"
+def test_new_host_key_is_shown_and_not_recorded(synced_once, sshd):
+    known_hosts = synced_once.working_dir / "known_hosts"
     known_hosts.unlink()
-    unchanged = Unchanged(prepared)
-    code, checks = run_check(prepared)
+    code, checks = run_check_changing_nothing(synced_once)
     assert code == 0
     assert checks["sftp server"]["status"] == "warning"
     message = checks["sftp server"]["message"]
@@ -270,13 +250,11 @@ def test_new_host_key_is_shown_and_not_recorded(prepared, sshd):
     assert "first connection" not in message  # the throwaway copy's recording is not reported
     assert_all_else_ok(checks, "sftp server")
     assert not known_hosts.exists()
-    unchanged.verify()
 
 
-def test_missing_foldername_exits_14(prepared, sshd):
-    prepared.rewrite_config(f'FOLDERNAME = "{prepared.remote.name}"', 'FOLDERNAME = "no-such-folder"')
-    unchanged = Unchanged(prepared)
-    code, checks = run_check(prepared)
+def test_missing_foldername_exits_14(synced_once, sshd):
+    synced_once.rewrite_config(f'FOLDERNAME = "{synced_once.remote.name}"', 'FOLDERNAME = "no-such-folder"')
+    code, checks = run_check_changing_nothing(synced_once)
     assert code == 14
     assert checks["sftp folder"]["status"] == "failed"
     assert checks["sftp folder"]["message"] == (f"remote folder 'no-such-folder' does not exist on "
@@ -284,15 +262,14 @@ def test_missing_foldername_exits_14(prepared, sshd):
                                                 "SFTP.FOLDERNAME")
     assert_all_else_ok(checks, "sftp folder")
     assert not (sshd.sftp_root / "no-such-folder").exists()
-    unchanged.verify()
 
 
-def test_read_only_foldername_exits_14(prepared, sshd):
+def test_read_only_foldername_exits_14(synced_once, sshd):
     read_only = sshd.read_only_folder(f"ro-{os.urandom(3).hex()}")
     (read_only / "existing.txt").write_bytes(b"left alone\n")
-    prepared.rewrite_config(f'FOLDERNAME = "{prepared.remote.name}"', f'FOLDERNAME = "{read_only.name}"')
-    unchanged = Unchanged(prepared, read_only)
-    code, checks = run_check(prepared)
+    synced_once.rewrite_config(f'FOLDERNAME = "{synced_once.remote.name}"',
+                               f'FOLDERNAME = "{read_only.name}"')
+    code, checks = run_check_changing_nothing(synced_once, read_only)
     assert code == 14
     assert checks["sftp folder"]["status"] == "failed"
     message = checks["sftp folder"]["message"]
@@ -300,19 +277,17 @@ def test_read_only_foldername_exits_14(prepared, sshd):
                               f"{sshd.port} (Permission denied)")
     assert f"give {sshd.password_user} these permissions or fix SFTP.FOLDERNAME" in message
     assert_all_else_ok(checks, "sftp folder")
-    unchanged.verify()
 
 
 @pytest.mark.parametrize("case", ["good", "changed host key", "wrong password"])
-def test_openssh_transport_reports_the_same(prepared, sshd, case):
-    prepared.rewrite_config('FOLDERNAME = ', 'TRANSPORT = "openssh"\nFOLDERNAME = ')
-    known_hosts = prepared.working_dir / "known_hosts"
+def test_openssh_transport_reports_the_same(synced_once, sshd, case):
+    synced_once.rewrite_config('FOLDERNAME = ', 'TRANSPORT = "openssh"\nFOLDERNAME = ')
+    known_hosts = synced_once.working_dir / "known_hosts"
     if case == "changed host key":
         known_hosts.write_text(f"[127.0.0.1]:{sshd.port} ssh-ed25519 {OTHER_HOST_KEY}\n")
     if case == "wrong password":
-        prepared.rewrite_config(f'PASSWORD = "{sshd.password}"', 'PASSWORD = "wrong-password"')
-    unchanged = Unchanged(prepared)
-    code, checks = run_check(prepared)
+        synced_once.rewrite_config(f'PASSWORD = "{sshd.password}"', 'PASSWORD = "wrong-password"')
+    code, checks = run_check_changing_nothing(synced_once)
     if case == "good":
         assert code == 0, checks
         assert_all_else_ok(checks)
@@ -324,71 +299,64 @@ def test_openssh_transport_reports_the_same(prepared, sshd, case):
         assert code == 14
         assert (checks["sftp server"]["status"], checks["sftp login"]["status"]) == ("ok", "failed")
         assert checks["sftp login"]["message"].startswith("SFTP login as")
-    unchanged.verify()
 
 
-def test_openssh_transport_new_host_key_is_not_recorded(prepared, sshd):
-    prepared.rewrite_config('FOLDERNAME = ', 'TRANSPORT = "openssh"\nFOLDERNAME = ')
-    known_hosts = prepared.working_dir / "known_hosts"
+def test_openssh_transport_new_host_key_is_not_recorded(synced_once, sshd):
+    synced_once.rewrite_config('FOLDERNAME = ', 'TRANSPORT = "openssh"\nFOLDERNAME = ')
+    known_hosts = synced_once.working_dir / "known_hosts"
     known_hosts.unlink()
-    unchanged = Unchanged(prepared)
-    code, checks = run_check(prepared)
+    code, checks = run_check_changing_nothing(synced_once)
     assert code == 0
     assert checks["sftp server"]["status"] == "warning"
     assert sshd.host_key_fingerprint in checks["sftp server"]["message"]
     assert not known_hosts.exists()
-    unchanged.verify()
 
 
-def test_broken_ledger_exits_15(prepared):
-    prepared.ledger.write_bytes(b"<status><request-status>")
-    unchanged = Unchanged(prepared)
-    code, checks = run_check(prepared)
+def test_broken_ledger_exits_15(synced_once):
+    synced_once.ledger.write_bytes(b"<status><request-status>")
+    code, checks = run_check_changing_nothing(synced_once)
     assert code == 15
     assert checks["ledger"]["status"] == "failed"
-    assert checks["ledger"]["message"].startswith(f"ledger {prepared.ledger} is not valid XML")
+    assert checks["ledger"]["message"].startswith(f"ledger {synced_once.ledger} is not valid XML")
     assert_all_else_ok(checks, "ledger")
-    unchanged.verify()
 
 
-def test_invalid_config_exits_10_and_skips_the_rest(prepared):
-    prepared.rewrite_config('TIMEOUT = "10"', 'TIMEOUT = "soon"')
-    unchanged = Unchanged(prepared)
-    code, checks = run_check(prepared)
+def test_invalid_config_exits_10_and_skips_the_rest(synced_once):
+    synced_once.rewrite_config('TIMEOUT = "10"', 'TIMEOUT = "soon"')
+    code, checks = run_check_changing_nothing(synced_once)
     assert code == 10
     assert checks["config"]["status"] == "failed"
     assert "SFTP.TIMEOUT" in checks["config"]["message"]
     assert {check["status"] for name, check in checks.items() if name != "config"} == {"skipped"}
-    unchanged.verify()
 
 
-def test_first_failure_decides_the_exit_code(prepared, sshd):
-    prepared.key_path.write_text("not a fernet key\n")
-    prepared.rewrite_config(f'PASSWORD = "{sshd.password}"', 'PASSWORD = "wrong-password"')
-    code, checks = run_check(prepared)
+def test_first_failure_decides_the_exit_code(synced_once, sshd):
+    synced_once.key_path.write_text("not a fernet key\n")
+    synced_once.rewrite_config(f'PASSWORD = "{sshd.password}"', 'PASSWORD = "wrong-password"')
+    code, checks = run_check(synced_once)
     assert code == 12
     assert (checks["fernet key"]["status"], checks["sftp login"]["status"]) == ("failed", "failed")
-    result = prepared.run("check", "-c", str(prepared.config_path))
+    result = synced_once.run("check", "-c", str(synced_once.config_path))
     assert result.returncode == 12
     assert result.stdout.splitlines()[-1] == "2 check(s) failed (fernet key, sftp login); exit code 12"
 
 
-def test_a_run_holding_the_lock_is_named_and_the_lock_left_alone(prepared):
-    with RunLock(prepared.working_dir):
-        unchanged = Unchanged(prepared)
-        code, checks = run_check(prepared)
+def test_a_run_holding_the_lock_is_named_and_the_lock_left_alone(synced_once):
+    with RunLock(synced_once.working_dir):
+        unchanged = Unchanged(synced_once)
+        code, checks = run_check(synced_once)
         assert code == 0
         assert checks["lock"] == {"name": "lock", "status": "info",
                                   "message": f"a run holds the lock now (pid {os.getpid()}); a sync started "
                                              "meanwhile exits 11"}
         unchanged.verify()
-    code, checks = run_check(prepared)
+    code, checks = run_check(synced_once)
     assert checks["lock"]["message"] == "no run holds the lock now"
 
 
-def test_readable_fernet_key_is_a_warning_not_a_line_on_stderr(prepared):
-    prepared.key_path.chmod(0o644)
-    code, checks = run_check(prepared)
+def test_readable_fernet_key_is_a_warning_not_a_line_on_stderr(synced_once):
+    synced_once.key_path.chmod(0o644)
+    code, checks = run_check(synced_once)
     assert code == 0
     assert checks["fernet key"]["status"] == "warning"
     assert "chmod 600" in checks["fernet key"]["message"]
@@ -407,33 +375,18 @@ SECRET_SCENARIOS = ["check ok", "check wrong password", "check wrong api key", "
 
 @pytest.mark.parametrize("source", ["inline", "file", "env"])
 @pytest.mark.parametrize("scenario", SECRET_SCENARIOS)
-def test_no_secret_in_the_output_of_check_and_status(prepared, sshd, scenario, source):
-    from tests.integration.test_secrets_never_shown import secret_lines
-
-    secrets = {"API_KEY": ADMIN_KEY, "PASSWORD": sshd.password,
-               "PRIVATE_KEY_PASSPHRASE": sshd.client_key_passphrase}
-    shown = dict(secrets)  # the values that must not appear, wrong ones included
-    if scenario == "check wrong password":
-        secrets["PASSWORD"] = shown["wrong PASSWORD"] = "wrong-Pass-7f3c9a1e"
-    if scenario == "check wrong api key":
-        secrets["API_KEY"] = shown["wrong API_KEY"] = "wrong-ApiKey-5b2d8e4f"
-    if scenario == "check bad key passphrase":
-        secrets["PRIVATE_KEY_PASSPHRASE"] = shown["wrong PRIVATE_KEY_PASSPHRASE"] = "wrong-Phrase-9c1a7d3b"
-    lines, env = secret_lines(prepared, source, secrets)
-    prepared.rewrite_config(f'API_KEY = "{ADMIN_KEY}"', lines["API_KEY"])
-    prepared.rewrite_config(f'USERNAME = "{sshd.password_user}"\nPASSWORD = "{sshd.password}"',
-                            f'USERNAME = "{sshd.both_user}"\n{lines["PASSWORD"]}\n'
-                            f'PRIVATE_KEY = "{sshd.client_key("ecdsa", "pem", encrypted=True)}"\n'
-                            f'{lines["PRIVATE_KEY_PASSPHRASE"]}')
+def test_no_secret_in_the_output_of_check_and_status(synced_once, sshd, scenario, source):
+    wrong = WRONG_SECRET.get(scenario.removeprefix("check "))
+    shown, env = use_every_secret(synced_once, sshd, source, wrong)
     command = ["status", "--remote"] if scenario == "status remote" else ["check"]
     outputs = []
     for form in ([], ["--json"]):
-        result = prepared.run(*command, "-c", str(prepared.config_path), *form, env=env)
+        result = synced_once.run(*command, "-c", str(synced_once.config_path), *form, env=env)
         expected = {"check wrong password": 14, "check wrong api key": 13, "check bad key passphrase": 12}
         assert result.returncode == expected.get(scenario, 0), result.stdout + result.stderr
         outputs.append(result.stdout + result.stderr)
     if scenario == "check ok":
         assert f"logged in as {sshd.both_user} with the key and the password" in outputs[0]
-    shown["Fernet key"] = prepared.key_path.read_text().strip()
+    shown["Fernet key"] = synced_once.key_path.read_text().strip()
     leaked = [name for name, value in shown.items() if any(value in output for output in outputs)]
     assert leaked == [], f"{leaked} shown ({source}, {scenario})"

@@ -45,7 +45,8 @@ def test_command_list_is_not_cut_off():
 def test_sync_help_documents_every_exit_code():
     output = CliRunner().invoke(cli, ["sync", "--help"]).output
     for line in ("0  success", "1  unexpected", "2  usage", "3  partial", "4  deletions refused", "10  config invalid",
-                 "11  another run holds the lock", "12  key", "13  broker", "14  SFTP", "15  ledger"):
+                 "11  another run holds the lock", "12  key", "13  broker", "14  SFTP", "15  ledger",
+                 "130  interrupted"):
         assert line in output
 
 

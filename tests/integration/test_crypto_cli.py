@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
-from broker_sftp_uploader.crypto import fingerprint
+from broker_sftp_uploader.crypto import key_fingerprint
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -39,7 +39,7 @@ def test_keygen_writes_0600_key_and_prints_fingerprint(tmp_path):
     key = (tmp_path / "new.key").read_bytes().strip()
     Fernet(key)  # a valid key
     assert stat.S_IMODE(os.stat(tmp_path / "new.key").st_mode) == 0o600
-    assert result.stdout.decode() == (f"wrote a new key to new.key; fingerprint {fingerprint(key)} "
+    assert result.stdout.decode() == (f"wrote a new key to new.key; fingerprint {key_fingerprint(key)} "
                                       "(compare it with the receiver's)\n")
     assert key not in result.stdout
 
@@ -279,7 +279,7 @@ def test_readme_one_liner_for_every_key_matches_on_a_hand_edited_file(tmp_path):
     (tmp_path / "rki.key").chmod(0o600)
     result = run("fingerprint", "rki.key", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.decode().splitlines() == [fingerprint(key) for key in keys]
+    assert result.stdout.decode().splitlines() == [key_fingerprint(key) for key in keys]
     assert bash(ONE_LINER_EVERY, tmp_path) == result.stdout.decode()
 
 

@@ -17,7 +17,8 @@ from broker_sftp_uploader import config as config_module
 from broker_sftp_uploader.config import load_config
 from broker_sftp_uploader.crypto import generate_key_file
 from test_resources import broker_actors as actors
-from tests.conftest import ADMIN_KEY
+from test_resources.availability import missing_program
+from test_resources.broker_actors import ADMIN_KEY
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -140,6 +141,24 @@ def test_sample_config_defaults_are_the_tools_defaults(deployed):
     assert with_defaults == original
 
 
+def test_sample_config_ranges_are_the_tools_ranges():
+    """A range the sample states in the comment above a key ("(1 to 3600)") is the one config.py enforces."""
+    specs = {(spec.section, spec.key): spec for spec in config_module.NUMBER_KEYS}
+    stated = []
+    for section, lines in sections(SAMPLE.read_text()).items():
+        comment = ""
+        for line in lines:
+            key = re.match(r"^#?([A-Z_]+) = ", line)
+            if key and (section, key.group(1)) in specs:
+                found = re.search(r"\((\d+) to (\d+)\b", comment)
+                if found:
+                    spec = specs[section, key.group(1)]
+                    assert (float(found.group(1)), float(found.group(2))) == (spec.minimum, spec.maximum), spec.name
+                    stated.append(spec.name)
+            comment = comment + " " + line if line.startswith("# ") else ""
+    assert len(stated) >= 7, stated
+
+
 def test_sample_config_examples_are_valid_toml():
     """Every `#KEY = value  # e.g.` line, uncommented, is valid TOML of the right section."""
     examples = [line[1:] for line in SAMPLE.read_text().splitlines()
@@ -165,9 +184,7 @@ def test_sample_config_runs_a_real_sync(deployed, broker, sshd, tmp_path):
         assert text.count(old) == 1, old
         text = text.replace(old, new)
     deployed.write(text)
-    request_id = actors.create_request(broker.url, "rki")
-    actors.put_result(broker.url, actors.NODE1_KEY, request_id, b"a;b\n1;2\n")
-    actors.post_status(broker.url, actors.NODE1_KEY, request_id, "completed")
+    request_id = actors.publish_completed(broker.url, result=b"a;b\n1;2\n")
     result = subprocess.run([sys.executable, "-m", "broker_sftp_uploader", "sync", "--config",
                              str(deployed.config_path)], cwd=tmp_path, capture_output=True, text=True,
                             timeout=120, check=False, env={**os.environ, "CREDENTIALS_DIRECTORY": str(deployed.credentials)})
@@ -183,10 +200,7 @@ def systemd_analyze() -> str:
     """The systemd-analyze program; missing, it fails the test under CI=true and skips it elsewhere."""
     program = shutil.which("systemd-analyze")
     if program is None:
-        message = "systemd-analyze is missing (Debian: apt-get install systemd)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        missing_program("systemd-analyze", "not installed (Debian: apt-get install systemd)")
     return program
 
 

@@ -37,10 +37,10 @@ from test_resources.crash_scenario import (
     fetch_bundle,
     first_run,
     prepare_initial_requests,
-    write_incompressible_file,
 )
+from test_resources.broker_actors import write_incompressible_file
 from test_resources.sshd import SshdServer
-from tests.conftest import ADMIN_KEY
+from tests.conftest import write_config
 
 # Size of C's result, incompressible: its export and upload take about half of a run of 1.4-2 s on
 # the 2-core VM, so many moments fall inside them. 48 MiB made a run 3 s and this module 2 minutes.
@@ -81,31 +81,10 @@ class Scenario:
         remote = self.sshd.folder(folder)
         working_dir = root / "work"
         working_dir.mkdir(parents=True)
-        concurrency = "" if self.concurrency is None else f"{CONCURRENCY_KEY} = {self.concurrency}\n"
+        concurrency = [] if self.concurrency is None else [f"{CONCURRENCY_KEY} = {self.concurrency}"]
         config_path = root / "settings.toml"
-        config_path.write_text(f"""\
-[BROKER]
-URL = "{self.broker_url}"
-API_KEY = "{ADMIN_KEY}"
-
-[REQUESTS]
-TAG = "rki"
-
-[SFTP]
-HOST = "{self.sshd.host}"
-PORT = {self.sshd.port}
-USERNAME = "{self.sshd.password_user}"
-PASSWORD = "{self.sshd.password}"
-TIMEOUT = "10"
-FOLDERNAME = "{folder}"
-{concurrency}
-[SECURITY]
-PATH_ENCRYPTION_KEY = "{self.key_path}"
-
-[MISC]
-WORKING_DIR = "work"
-""")
-        config_path.chmod(0o600)  # it holds secrets, as an admin's would
+        write_config(config_path, self.broker_url, self.sshd, self.sshd.password_user, self.sshd.password, folder,
+                     key_file=self.key_path, sftp_lines=concurrency)
         return Site(root=root, config_path=config_path, working_dir=working_dir, remote=remote,
                     key_path=self.key_path)
 

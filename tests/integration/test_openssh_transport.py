@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +13,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from test_resources import broker_actors as actors
-from tests.conftest import CLIENT_1, CLIENT_2
+from test_resources.broker_actors import NODE2_KEY
 
 
 @pytest.fixture
@@ -24,14 +22,7 @@ def site(workspace):
     return workspace
 
 
-def publish(broker, result: bytes | os.PathLike = b"a;b\n") -> int:
-    request_id = actors.create_request(broker.url, "rki")
-    actors.put_result(broker.url, CLIENT_1, request_id, result)
-    actors.post_status(broker.url, CLIENT_1, request_id, "completed")
-    return request_id
-
-
-def result_of(workspace, request_id: int) -> bytes:
+def result_of(workspace, request_id: str) -> bytes:
     token = (workspace.remote / f"export_{request_id}.zip").read_bytes()
     bundle = zipfile.ZipFile(io.BytesIO(Fernet(workspace.key_path.read_bytes().strip()).decrypt(token)))
     return bundle.read("0_result.txt")
@@ -49,14 +40,15 @@ def last_error(result) -> str:
 
 
 def test_upload_reupload_delete_and_noop_with_password_login(broker, site, sshd):
-    first, second, third = publish(broker, b"one\n"), publish(broker, b"two\n"), publish(broker, b"three\n")
+    first, second, third = (actors.publish_completed(broker.url, result=data)
+                            for data in (b"one\n", b"two\n", b"three\n"))
     result = site.sync()
     assert result.returncode == 0, result.stderr
     assert result.stderr.startswith(f"WARNING: first connection to [127.0.0.1]:{sshd.port}: recorded its host key")
     assert sshd.host_public_key_line in (site.working_dir / "known_hosts").read_text()
     assert [result_of(site, number) for number in (first, second, third)] == [b"one\n", b"two\n", b"three\n"]
 
-    actors.post_status(broker.url, CLIENT_2, first, "retrieved")
+    actors.post_status(broker.url, NODE2_KEY, first, "retrieved")
     actors.delete_request(broker.url, second)
     result = site.sync()
     assert (result.returncode, result.stderr) == (0, "")
@@ -71,16 +63,16 @@ def test_upload_reupload_delete_and_noop_with_password_login(broker, site, sshd)
 
 @pytest.mark.parametrize("key_type", ["ed25519", "ecdsa", "rsa"])
 def test_key_login_with_passphrase(broker, site, sshd, key_type):
-    publish(broker)
+    request_id = actors.publish_completed(broker.url)
     site.pin_host_key(sshd)
     use_key(site, sshd, sshd.client_key(key_type, "openssh", encrypted=True), sshd.client_key_passphrase)
     result = site.sync()
     assert (result.returncode, result.stderr) == (0, ""), result.stderr
-    assert result_of(site, 0) == b"a;b\n"
+    assert result_of(site, request_id) == b"a;b\n"
 
 
 def test_changed_host_key_stops_before_anything_is_uploaded(broker, site, sshd):
-    publish(broker)
+    actors.publish_completed(broker.url)
     known_hosts = site.working_dir / "known_hosts"
     known_hosts.write_text(f"[127.0.0.1]:{sshd.port} ssh-ed25519 "
                            "AAAAC3NzaC1lZDI1NTE5AAAAIAb3T5kQb6JqJXn0gx7ZP1d7oYQpZ0b8l5n2Zp9Rk1bX\n")
@@ -94,7 +86,7 @@ def test_changed_host_key_stops_before_anything_is_uploaded(broker, site, sshd):
 
 
 def test_wrong_password_exits_14(broker, site, sshd):
-    publish(broker)
+    actors.publish_completed(broker.url)
     site.pin_host_key(sshd)
     site.rewrite_config(f'PASSWORD = "{sshd.password}"', 'PASSWORD = "wrong"')
     result = site.sync()
@@ -105,7 +97,7 @@ def test_wrong_password_exits_14(broker, site, sshd):
 
 
 def test_corrupt_known_hosts_is_named_like_with_paramiko(broker, site, sshd):
-    publish(broker)
+    actors.publish_completed(broker.url)
     site.pin_host_key(sshd)
     known_hosts = site.working_dir / "known_hosts"
     known_hosts.write_bytes(known_hosts.read_bytes() + b"garbage\n")
@@ -115,9 +107,8 @@ def test_corrupt_known_hosts_is_named_like_with_paramiko(broker, site, sshd):
 
 
 def test_secret_is_on_no_command_line_and_in_no_environment(broker, site, sshd, tmp_path):
-    big = tmp_path / "big.bin"
-    big.write_bytes(os.urandom(8 * 1024 * 1024))
-    publish(broker, big)
+    big = actors.write_incompressible_file(tmp_path / "big.bin", 8)
+    actors.publish_completed(broker.url, result=big)
     site.pin_host_key(sshd)
     broker.inject_fault("GET", r"/broker/download/", delay=2.0)
     process = subprocess.Popen([sys.executable, "-m", "broker_sftp_uploader", "sync", "-c", str(site.config_path)],
@@ -142,28 +133,18 @@ def test_secret_is_on_no_command_line_and_in_no_environment(broker, site, sshd, 
 
 
 def test_sigterm_mid_upload_leaves_no_partial_file(broker, site, sshd, tmp_path):
-    big = tmp_path / "big.bin"
-    block = os.urandom(1024 * 1024)
-    with open(big, "wb") as handle:
-        handle.writelines(block for _ in range(128))
-    publish(broker, big)
+    big = actors.write_incompressible_file(tmp_path / "big.bin", 128)
+    actors.publish_completed(broker.url, result=big)
     site.pin_host_key(sshd)
-    process = subprocess.Popen([sys.executable, "-m", "broker_sftp_uploader", "sync", "-c", str(site.config_path)],
-                               stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not list(site.remote.glob(".export_*.part-*")) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert list(site.remote.glob(".export_*.part-*")), "no partial upload was seen"
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr
+    result = site.sync_terminated_mid_upload()
+    assert result.returncode == 130, result.stderr
     assert site.remote_names() == []
     assert not (site.working_dir / "status.xml.partials").exists()
     assert not list(Path("/dev/shm").glob("bsu-askpass-*"))
 
 
 def test_secrets_of_a_killed_run_are_removed_by_the_next(broker, site, sshd):
-    publish(broker)
+    actors.publish_completed(broker.url)
     site.pin_host_key(sshd)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True, capture_output=True,
                           text=True)

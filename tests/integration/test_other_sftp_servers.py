@@ -26,8 +26,11 @@ from broker_sftp_uploader.config import SftpSettings
 from broker_sftp_uploader.errors import SftpError
 from broker_sftp_uploader.sftp.connection import SftpConnection
 from test_resources import broker_actors as actors
-from test_resources.proftpd import NO_RENAME_FOLDER, ProftpdServer, ProftpdUnavailable
-from tests.conftest import CLIENT_1, CLIENT_2, Workspace, make_workspace
+from test_resources.availability import require_server
+from test_resources.broker_actors import NODE2_KEY
+from test_resources.proftpd import NO_RENAME_FOLDER, ProftpdServer
+from test_resources.server_process import alive, children
+from tests.conftest import Workspace, make_workspace
 
 # What ProFTPD logs for each posix-rename request it refuses because the extension is off.
 REJECTED_POSIX_RENAME = "client requested 'posix-rename@openssh.com' extension, rejecting"
@@ -49,20 +52,10 @@ runpy.run_module("broker_sftp_uploader", run_name="__main__")
 """
 
 
-def require_proftpd() -> None:
-    """Skip when ProFTPD cannot run here, but fail under CI=true (as a missing sshd does)."""
-    try:
-        ProftpdServer.check_available()
-    except ProftpdUnavailable as error:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"ProFTPD is required in CI: {error}")
-        pytest.skip(str(error))
-
-
 @pytest.fixture(scope="module", params=["posix-rename", "no-posix-rename"])
 def proftpd(request):
     """ProFTPD with mod_sftp, as shipped or without posix-rename."""
-    require_proftpd()
+    require_server(ProftpdServer)
     base = Path(tempfile.mkdtemp(prefix="bsu-proftpd-"))  # not tmp_path: pytest may make it 0700
     try:
         with ProftpdServer(base, posix_rename=request.param == "posix-rename") as server:
@@ -90,13 +83,6 @@ class LogWatch:
         count = log[self.offset:].count(text)
         self.offset = len(log)
         return count
-
-
-def publish_completed(broker, node_key: str = CLIENT_1, result: bytes = b"a;b\n1;2\n") -> str:
-    request_id = actors.create_request(broker.url, "rki")
-    actors.put_result(broker.url, node_key, request_id, result)
-    actors.post_status(broker.url, node_key, request_id, "completed")
-    return str(request_id)
 
 
 def newest_bundle(broker, request_id: str) -> bytes:
@@ -130,25 +116,6 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int, bytes]]:
             for path in folder.iterdir()}
 
 
-def alive(pid: int) -> bool:
-    """True if ``pid`` exists and is not a zombie."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-        except (OSError, IndexError, ValueError):
-            pass
-    return found
-
-
 def test_posix_rename_is_offered_or_refused_as_configured(proftpd):
     folder = proftpd.folder(f"probe-{os.urandom(3).hex()}").name
     with paramiko.Transport((proftpd.host, proftpd.port)) as transport:
@@ -172,7 +139,7 @@ def test_posix_rename_is_offered_or_refused_as_configured(proftpd):
 
 
 def test_standalone_launcher_serves_until_sigterm_and_leaves_no_process():
-    require_proftpd()
+    require_server(ProftpdServer)
     base = Path(tempfile.mkdtemp(prefix="bsu-proftpd-main-"))
     command = [sys.executable, "-m", "test_resources.proftpd", "--base-dir", str(base / "srv"),
                "--no-posix-rename"]
@@ -201,7 +168,7 @@ def test_upload_reupload_delete_and_noop_through_the_cli(proftpd, broker, proftp
     workspace, log = proftpd_workspace, LogWatch(proftpd)
     rejections_per_run = 0 if proftpd.posix_rename else 1  # tried once per session, then remembered
     # Three requests, so that deleting one stays within the default mass-deletion limit (50 %).
-    first, second, third = publish_completed(broker), publish_completed(broker), publish_completed(broker)
+    first, second, third = (actors.publish_completed(broker.url) for _ in range(3))
 
     result = workspace.sync()
     assert (result.returncode, result.stdout) == (0, ""), result.stderr
@@ -211,7 +178,7 @@ def test_upload_reupload_delete_and_noop_through_the_cli(proftpd, broker, proftp
     # Three uploads ran at once, each on its own session: each may ask before one has learnt the answer.
     assert log.new_count(REJECTED_POSIX_RENAME) in ((0,) if proftpd.posix_rename else (1, 2, 3))
 
-    actors.post_status(broker.url, CLIENT_2, int(first), "retrieved")  # completion 1.0 -> 0.5: same name
+    actors.post_status(broker.url, NODE2_KEY, first, "retrieved")  # completion 1.0 -> 0.5: same name
     replaced = (workspace.remote / f"export_{first}.zip").read_bytes()
     result = workspace.sync()
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
@@ -220,7 +187,7 @@ def test_upload_reupload_delete_and_noop_through_the_cli(proftpd, broker, proftp
     assert (workspace.remote / f"export_{first}.zip").read_bytes() != replaced
     assert log.new_count(REJECTED_POSIX_RENAME) == rejections_per_run
 
-    actors.delete_request(broker.url, int(second))
+    actors.delete_request(broker.url, second)
     result = workspace.sync()
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
     assert_delivered(workspace, broker, [first, third])
@@ -236,12 +203,12 @@ def test_upload_reupload_delete_and_noop_through_the_cli(proftpd, broker, proftp
 
 def test_ledger_is_uploaded_and_overwritten(proftpd, broker, proftpd_workspace):
     workspace = proftpd_workspace
-    request_id = publish_completed(broker)
+    request_id = actors.publish_completed(broker.url)
     assert workspace.sync().returncode == 0
     first_ledger = (workspace.remote / "status.xml").read_bytes()
     assert first_ledger == workspace.ledger.read_bytes()
 
-    actors.post_status(broker.url, CLIENT_2, int(request_id), "retrieved")
+    actors.post_status(broker.url, NODE2_KEY, request_id, "retrieved")
     result = workspace.sync()
     assert (result.returncode, result.stderr) == (0, "")
     assert workspace.remote_names() == [f"export_{request_id}.zip", "status.xml"]
@@ -271,9 +238,9 @@ def test_run_killed_between_delete_and_rename_loses_nothing(proftpd, broker, pro
     """SIGKILL right after the old file was deleted, before the new one was renamed into place: the
     new file waits under its temp name, the ledger still has the old state, and the next run repairs."""
     workspace = proftpd_workspace
-    request_id = publish_completed(broker)
+    request_id = actors.publish_completed(broker.url)
     assert workspace.sync().returncode == 0
-    actors.post_status(broker.url, CLIENT_2, int(request_id), "retrieved")
+    actors.post_status(broker.url, NODE2_KEY, request_id, "retrieved")
 
     killed = subprocess.run([sys.executable, "-c", KILL_AFTER_DELETING_A_FILE, "sync", "--config",
                              str(workspace.config_path)], check=False, capture_output=True, text=True,

@@ -3,53 +3,41 @@
 from __future__ import annotations
 
 import io
-import os
-import signal
-import subprocess
-import sys
-import time
 import zipfile
 
 from cryptography.fernet import Fernet
 from lxml import etree
 
 from test_resources import broker_actors as actors
-from tests.conftest import CLIENT_1
-
-
-def publish(broker, result: bytes | os.PathLike) -> int:
-    request_id = actors.create_request(broker.url, "rki")
-    actors.put_result(broker.url, CLIENT_1, request_id, result)
-    actors.post_status(broker.url, CLIENT_1, request_id, "completed")
-    return request_id
 
 
 def ledger_ids(workspace) -> list[str]:
     return [element.findtext("id") for element in etree.parse(str(workspace.ledger)).getroot()]
 
 
-def result_of(workspace, request_id: int) -> bytes:
+def result_of(workspace, request_id: str) -> bytes:
     token = (workspace.remote / f"export_{request_id}.zip").read_bytes()
     bundle = zipfile.ZipFile(io.BytesIO(Fernet(workspace.key_path.read_bytes().strip()).decrypt(token)))
     return bundle.read("0_result.txt")
 
 
 def test_many_uploads_at_once_are_all_delivered_and_recorded_in_id_order(broker, workspace):
-    ids = [publish(broker, f"result {number}\n".encode() * (1 + number * 5000)) for number in range(14)]
+    ids = [actors.publish_completed(broker.url, result=f"result {number}\n".encode() * (1 + number * 5000))
+           for number in range(14)]
     broker.latency = 0.02  # a broker across a network: the uploads overlap
     result = workspace.sync("-v")
     assert result.returncode == 0, result.stderr
-    assert workspace.remote_names() == sorted([f"export_{number}.zip" for number in ids] + ["status.xml"])
-    for number in ids:
-        assert result_of(workspace, number) == f"result {number}\n".encode() * (1 + number * 5000)
-    assert ledger_ids(workspace) == [str(number) for number in ids]
+    assert workspace.remote_names() == sorted([f"export_{each}.zip" for each in ids] + ["status.xml"])
+    for number, request_id in enumerate(ids):
+        assert result_of(workspace, request_id) == f"result {number}\n".encode() * (1 + number * 5000)
+    assert ledger_ids(workspace) == ids
     assert (workspace.remote / "status.xml").read_bytes() == workspace.ledger.read_bytes()
     assert not (workspace.working_dir / "status.xml.partials").exists()
 
 
 def test_one_upload_at_a_time_when_configured(broker, workspace):
     for number in range(3):
-        publish(broker, f"result {number}\n".encode())
+        actors.publish_completed(broker.url, result=f"result {number}\n".encode())
     workspace.rewrite_config('FOLDERNAME = "', 'PARALLEL_UPLOADS = 1\nFOLDERNAME = "')
     result = workspace.sync()
     assert result.returncode == 0, result.stderr
@@ -58,7 +46,7 @@ def test_one_upload_at_a_time_when_configured(broker, workspace):
 
 def test_wrong_password_stops_parallel_uploads_before_anything_is_uploaded(broker, workspace, sshd):
     for number in range(5):
-        publish(broker, f"result {number}\n".encode())
+        actors.publish_completed(broker.url, result=f"result {number}\n".encode())
     workspace.pin_host_key(sshd)
     workspace.rewrite_config(f'PASSWORD = "{sshd.password}"', 'PASSWORD = "not-the-password"')
     result = workspace.sync()
@@ -69,24 +57,14 @@ def test_wrong_password_stops_parallel_uploads_before_anything_is_uploaded(broke
 
 
 def test_sigterm_stops_every_worker_and_leaves_no_partial_file(broker, workspace, sshd, tmp_path):
-    big = tmp_path / "big.bin"
-    block = os.urandom(1024 * 1024)
-    with open(big, "wb") as handle:
-        handle.writelines(block for _ in range(48))
+    big = actors.write_incompressible_file(tmp_path / "big.bin", 48)
     for _ in range(4):
-        publish(broker, big)
-    small = publish(broker, b"small\n")
+        actors.publish_completed(broker.url, result=big)
+    small = actors.publish_completed(broker.url, result=b"small\n")
     workspace.pin_host_key(sshd)
-    process = subprocess.Popen([sys.executable, "-m", "broker_sftp_uploader", "sync", "-c",
-                                str(workspace.config_path)], stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while len(list(workspace.remote.glob(".export_*.part-*"))) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert len(list(workspace.remote.glob(".export_*.part-*"))) >= 2, "no parallel partial uploads were seen"
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr
-    assert stderr.strip().splitlines()[-1].startswith("Error: interrupted")
+    result = workspace.sync_terminated_mid_upload(uploads=2)
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: interrupted")
     assert not [name for name in workspace.remote_names() if ".part-" in name]
     assert not (workspace.working_dir / "status.xml.partials").exists()
     # Whatever completed before the signal is recorded, and only that.

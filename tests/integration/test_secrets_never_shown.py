@@ -9,12 +9,11 @@ verbosity and source occurs.
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
 from test_resources import broker_actors as actors
-from tests.conftest import ADMIN_KEY, CLIENT_1
+from test_resources.broker_actors import ADMIN_KEY
+from tests.conftest import closed_port
 
 SCENARIOS = ["sync ok", "wrong password", "wrong api key", "broker down", "bad key passphrase", "dry run"]
 VERBOSITIES = ["", "-v", "-vv"]
@@ -23,12 +22,12 @@ EXPECTED_EXIT = {"sync ok": 0, "wrong password": 14, "wrong api key": 13, "broke
                  "bad key passphrase": 12, "dry run": 0}
 VARIABLES = {"API_KEY": "BROKER_SFTP_UPLOADER_API_KEY", "PASSWORD": "BROKER_SFTP_UPLOADER_SFTP_PASSWORD",
              "PRIVATE_KEY_PASSPHRASE": "BROKER_SFTP_UPLOADER_SFTP_PRIVATE_KEY_PASSPHRASE"}
-
-
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+# A wrong value for each secret, as distinct as the real ones, so that a leak of it is found too.
+WRONG_VALUES = {"API_KEY": "wrong-ApiKey-5b2d8e4f", "PASSWORD": "wrong-Pass-7f3c9a1e",
+                "PRIVATE_KEY_PASSPHRASE": "wrong-Phrase-9c1a7d3b"}
+# The secret each scenario gets wrong.
+WRONG_SECRET = {"wrong password": "PASSWORD", "wrong api key": "API_KEY",
+                "bad key passphrase": "PRIVATE_KEY_PASSPHRASE"}
 
 
 def secret_lines(workspace, source: str, secrets: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -47,30 +46,34 @@ def secret_lines(workspace, source: str, secrets: dict[str, str]) -> tuple[dict[
     return lines, env
 
 
-@pytest.mark.parametrize("verbosity", VERBOSITIES, ids=["quiet", "v", "vv"])
-@pytest.mark.parametrize("scenario", SCENARIOS)
-def test_no_secret_in_any_output(broker, workspace, sshd, scenario, verbosity):
-    source = SOURCES[(SCENARIOS.index(scenario) + VERBOSITIES.index(verbosity)) % len(SOURCES)]
-    request_id = actors.create_request(broker.url, "rki")
-    actors.put_result(broker.url, CLIENT_1, request_id, b"a;b\n")
-    actors.post_status(broker.url, CLIENT_1, request_id, "completed")
-    workspace.pin_host_key(sshd)
-
+def use_every_secret(workspace, sshd, source: str,
+                     wrong: str | None = None) -> tuple[dict[str, str], dict[str, str]]:
+    """Rewrite the config so that a run uses every secret: the API key, and the harness's key-and-password
+    user with an encrypted key; each given from ``source`` (see `secret_lines`), the one named ``wrong``
+    (API_KEY, PASSWORD or PRIVATE_KEY_PASSPHRASE) replaced by its `WRONG_VALUES` value. Returns the values
+    that must never be shown (by name, the wrong one included) and the environment the run needs."""
     secrets = {"API_KEY": ADMIN_KEY, "PASSWORD": sshd.password,
                "PRIVATE_KEY_PASSPHRASE": sshd.client_key_passphrase}
-    shown = dict(secrets)  # the values that must not appear, wrong ones included
-    if scenario == "wrong password":
-        secrets["PASSWORD"] = shown["wrong PASSWORD"] = "wrong-Pass-7f3c9a1e"
-    if scenario == "wrong api key":
-        secrets["API_KEY"] = shown["wrong API_KEY"] = "wrong-ApiKey-5b2d8e4f"
-    if scenario == "bad key passphrase":
-        secrets["PRIVATE_KEY_PASSPHRASE"] = shown["wrong PRIVATE_KEY_PASSPHRASE"] = "wrong-Phrase-9c1a7d3b"
+    shown = dict(secrets)
+    if wrong is not None:
+        secrets[wrong] = shown[f"wrong {wrong}"] = WRONG_VALUES[wrong]
     lines, env = secret_lines(workspace, source, secrets)
     workspace.rewrite_config(f'API_KEY = "{ADMIN_KEY}"', lines["API_KEY"])
     workspace.rewrite_config(f'USERNAME = "{sshd.password_user}"\nPASSWORD = "{sshd.password}"',
                              f'USERNAME = "{sshd.both_user}"\n{lines["PASSWORD"]}\n'
                              f'PRIVATE_KEY = "{sshd.client_key("ecdsa", "pem", encrypted=True)}"\n'
                              f'{lines["PRIVATE_KEY_PASSPHRASE"]}')
+    return shown, env
+
+
+@pytest.mark.parametrize("verbosity", VERBOSITIES, ids=["quiet", "v", "vv"])
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_no_secret_in_any_output(broker, workspace, sshd, scenario, verbosity):
+    source = SOURCES[(SCENARIOS.index(scenario) + VERBOSITIES.index(verbosity)) % len(SOURCES)]
+    actors.publish_completed(broker.url)
+    workspace.pin_host_key(sshd)
+
+    shown, env = use_every_secret(workspace, sshd, source, WRONG_SECRET.get(scenario))
     if scenario == "broker down":
         workspace.rewrite_config(f'URL = "{broker.url}"', f'URL = "http://127.0.0.1:{closed_port()}"')
 

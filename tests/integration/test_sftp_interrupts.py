@@ -31,6 +31,18 @@ def send_sigterm() -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+def upload_interrupted(connection: SftpConnection, after: float) -> None:
+    """Upload 512 MiB of zeros as big.bin with SIGTERM sent ``after`` seconds in; the upload must end in
+    KeyboardInterrupt (the uploader's handlers are installed)."""
+    timer = threading.Timer(after, send_sigterm)
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            connection.upload(Zeros(512 * 1024 * 1024), "big.bin")
+    finally:
+        timer.cancel()
+
+
 class Zeros(io.RawIOBase):
     """A fast source, so that nearly all the time is spent inside paramiko."""
 
@@ -50,13 +62,7 @@ def test_signals_at_random_moments_of_an_upload_never_break_the_session(signal_h
     settings, local = remote
     with SftpConnection(settings) as connection:
         for attempt in range(12):
-            timer = threading.Timer(0.01 + 0.013 * attempt, send_sigterm)
-            timer.start()
-            try:
-                with pytest.raises(KeyboardInterrupt):
-                    connection.upload(Zeros(512 * 1024 * 1024), "big.bin")
-            finally:
-                timer.cancel()
+            upload_interrupted(connection, after=0.01 + 0.013 * attempt)
             assert sorted(path.name for path in local.iterdir()) == [], f"attempt {attempt}"
             # The same session still works: nothing was cut off halfway through an SFTP packet.
             assert connection.upload(io.BytesIO(b"probe"), "probe.txt") == 5
@@ -68,13 +74,7 @@ def test_interrupted_upload_leaves_neither_file_nor_journal_entry(signal_handler
     settings, local = remote
     journal = PartialsJournal(tmp_path / "status.xml.partials")
     with SftpConnection(settings, journal) as connection:
-        timer = threading.Timer(0.05, send_sigterm)
-        timer.start()
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                connection.upload(Zeros(512 * 1024 * 1024), "big.bin")
-        finally:
-            timer.cancel()
+        upload_interrupted(connection, after=0.05)
     assert list(local.iterdir()) == []
     assert journal.leftovers() == [] and not journal.path.exists()
 

@@ -9,6 +9,8 @@ import subprocess
 
 import pytest
 
+from test_resources.availability import missing_program
+
 PROGRAM = "broker-sftp-uploader"
 VARIABLE = "_BROKER_SFTP_UPLOADER_COMPLETE"
 # What identifies each shell's script: bash and zsh register a function, fish a `complete` rule.
@@ -26,9 +28,10 @@ def console_script() -> str:
 
 
 def in_shell(shell: str, script: str, tmp_path) -> str:
-    """Run ``script`` in ``shell`` (skipped if that shell is not installed); return its stdout."""
+    """Run ``script`` in ``shell`` (a missing shell skips the test, or fails it under CI=true); return its
+    stdout."""
     if shutil.which(shell) is None:
-        pytest.skip(f"{shell} is not installed")
+        missing_program(shell, f"{shell} is not installed (Debian: apt-get install {shell})")
     command = [shell, "-f", "-c", script] if shell == "zsh" else [shell, "-c", script]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr

@@ -19,19 +19,11 @@ from pathlib import Path
 import paramiko
 import pytest
 
+from test_resources.availability import require_server
+from test_resources.server_process import alive, children
 from test_resources.sshd import STATE_DIR, SshdServer, SshdUnavailable
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def _require_sshd() -> None:
-    """Skip (or fail when CI=true) if sshd cannot be launched here."""
-    try:
-        SshdServer.check_available()
-    except SshdUnavailable as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(str(exc))
-        pytest.skip(str(exc))
 
 
 @contextlib.contextmanager
@@ -68,25 +60,6 @@ def _connect(info: dict, *, user: str, password: str | None = None, key_path: st
     return transport, paramiko.SFTPClient.from_transport(transport)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _children(pid: int) -> list[int]:
-    return [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/stat")
-            if _read_ppid(p) == pid]
-
-
-def _read_ppid(stat: Path) -> int | None:
-    try:
-        return int(stat.read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError):
-        return None
-
-
 def test_unavailable_without_root(monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(SshdUnavailable, match="run as root.*apt-get install -y openssh-server"):
@@ -94,22 +67,22 @@ def test_unavailable_without_root(monkeypatch):
 
 
 def test_stop_kills_listener_and_sessions(scratch):
-    _require_sshd()
+    require_server(SshdServer)
     with SshdServer(scratch) as srv:
         transport, sftp = _connect(srv.info(), user=srv.key_user, key_path=str(srv.client_key_path))
         with transport:  # the connection stays open while the server stops
             sftp.listdir(".")
-            pids = [srv.pid, *_children(srv.pid)]
+            pids = [srv.pid, *children(srv.pid)]
             assert len(pids) > 1, "expected an sshd session process for the open connection"
             srv.stop()
             srv.stop()  # idempotent
             assert srv.pid is None
-            assert not [p for p in pids if _alive(p)]
+            assert not [p for p in pids if alive(p)]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_standalone_mode(scratch, signum):
-    _require_sshd()
+    require_server(SshdServer)
     base = scratch / "standalone"
     proc = subprocess.Popen([sys.executable, "-m", "test_resources.sshd", "--base-dir", str(base),
                              "--folder", "rki", "--folder", "other"],
@@ -128,18 +101,18 @@ def test_standalone_mode(scratch, signum):
         with transport:
             sftp.putfo(io.BytesIO(b"standalone"), "other/s.bin")
         assert (Path(info["sftp_root"]) / "other" / "s.bin").read_bytes() == b"standalone"
-        sshd_pids = _children(proc.pid)
+        sshd_pids = children(proc.pid)
         assert sshd_pids
     finally:
         proc.send_signal(signum)
         stdout, stderr = proc.communicate(timeout=10)
     assert proc.returncode == 0, stderr
     assert [json.loads(line) for line in stdout.splitlines()] == [info]
-    assert not [p for p in sshd_pids if _alive(p)]
+    assert not [p for p in sshd_pids if alive(p)]
 
 
 def test_retries_when_port_is_taken(scratch, monkeypatch):
-    _require_sshd()
+    require_server(SshdServer)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -154,7 +127,7 @@ def test_retries_when_port_is_taken(scratch, monkeypatch):
 
 @pytest.fixture(scope="module")
 def server():
-    _require_sshd()
+    require_server(SshdServer)
     with _scratch_dir() as base, SshdServer(base) as srv:
         yield srv
 

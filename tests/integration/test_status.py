@@ -12,7 +12,7 @@ import pytest
 
 from broker_sftp_uploader.state.ledger import Ledger
 from test_resources import broker_actors as actors
-from tests.conftest import CLIENT_1
+from test_resources.broker_actors import NODE1_KEY
 from tests.integration.test_check import Unchanged, private_temp_dir  # noqa: F401 - autouse fixture
 
 LEDGER = b"""<?xml version='1.0' encoding='UTF-8'?>
@@ -127,10 +127,8 @@ def test_status_of_a_broken_ledger_exits_15(workspace):
 @pytest.fixture
 def synced(broker, workspace, sshd):
     """Requests 0, 1 and 2 uploaded by a real sync; the ledger records each file's size."""
-    for _ in range(3):
-        request_id = actors.create_request(broker.url, "rki")
-        actors.put_result(broker.url, CLIENT_1, request_id, f"request {request_id}\n".encode() * 50)
-        actors.post_status(broker.url, CLIENT_1, request_id, "completed")
+    for number in range(3):
+        actors.publish_completed(broker.url, result=f"request {number}\n".encode() * 50)
     workspace.pin_host_key(sshd)
     first = workspace.sync()
     assert first.returncode == 0, first.stderr
@@ -146,7 +144,7 @@ def test_remote_finds_deleted_truncated_and_stray_files_and_the_plan(synced, bro
     truncated.write_bytes(truncated.read_bytes()[:100])
     (remote / "stray.txt").write_bytes(b"nobody's\n")
     new_request = actors.create_request(broker.url, "rki")
-    actors.post_status(broker.url, CLIENT_1, new_request, "completed")
+    actors.post_status(broker.url, NODE1_KEY, new_request, "completed")
     unchanged = Unchanged(synced)
 
     result = status(synced, "--json", "--remote")

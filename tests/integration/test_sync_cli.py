@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
-import signal
-import subprocess
-import sys
-import time
 import zipfile
 
 import pytest
@@ -16,7 +11,7 @@ from lxml import etree
 
 from broker_sftp_uploader.state.lock import RunLock
 from test_resources import broker_actors as actors
-from tests.conftest import CLIENT_1, CLIENT_2
+from test_resources.broker_actors import ADMIN_KEY, NODE1_KEY, NODE2_KEY
 
 ORIGINAL_BUNDLE = ["status.xml", "request.xml", "definition.xml", "0_result.txt"]
 
@@ -32,20 +27,13 @@ def decrypt_remote(workspace, name: str) -> bytes:
     return Fernet(key).decrypt((workspace.remote / name).read_bytes())
 
 
-def publish_completed(broker, tag: str, node_key: str = CLIENT_1, result: bytes = b"a;b\n1;2\n") -> str:
-    request_id = actors.create_request(broker.url, tag)
-    actors.put_result(broker.url, node_key, request_id, result)
-    actors.post_status(broker.url, node_key, request_id, "completed")
-    return str(request_id)
-
-
 def test_sync_original_scenario_end_to_end(broker, workspace):
     for _ in range(3):
         actors.create_request(broker.url, "rki")
         actors.create_request(broker.url, "default")
     for request_id in range(6):
-        actors.put_result(broker.url, CLIENT_1, request_id, b"a;b\\n1;2\\n3;4\\n")
-        actors.post_status(broker.url, CLIENT_1, request_id, "completed")
+        actors.put_result(broker.url, NODE1_KEY, request_id, b"a;b\\n1;2\\n3;4\\n")
+        actors.post_status(broker.url, NODE1_KEY, request_id, "completed")
 
     first = workspace.sync()
     assert (first.returncode, first.stdout) == (0, "")
@@ -61,7 +49,7 @@ def test_sync_original_scenario_end_to_end(broker, workspace):
     actors.create_request(broker.url, "default")
     actors.delete_request(broker.url, 0)
     for request_id in range(1, 6):
-        actors.post_status(broker.url, CLIENT_2, request_id, "retrieved")
+        actors.post_status(broker.url, NODE2_KEY, request_id, "retrieved")
 
     second = workspace.sync()
     assert (second.returncode, second.stdout, second.stderr) == (0, "", "")
@@ -79,7 +67,7 @@ def test_sync_original_scenario_end_to_end(broker, workspace):
 
 
 def test_sync_without_broker_changes_uploads_nothing(broker, workspace):
-    publish_completed(broker, "rki")
+    actors.publish_completed(broker.url)
     assert workspace.sync().returncode == 0
     before = {path.name: path.stat().st_ino for path in workspace.remote.iterdir()}
     ledger_before = workspace.ledger.read_bytes()
@@ -94,7 +82,7 @@ def test_sync_without_broker_changes_uploads_nothing(broker, workspace):
 
 
 def test_sync_relisted_request_marked_deleted_is_uploaded_again(broker, workspace):
-    request_id = publish_completed(broker, "rki")
+    request_id = actors.publish_completed(broker.url)
     # A ledger as the original script leaves it: the request marked deleted although it is listed.
     workspace.ledger.write_text(
         "<?xml version='1.0' encoding='UTF-8'?>\n<status>\n  <request-status>\n"
@@ -112,8 +100,8 @@ def test_sync_relisted_request_marked_deleted_is_uploaded_again(broker, workspac
 
 
 def test_sync_continues_an_original_ledger_without_reuploading(broker, workspace):
-    unchanged = publish_completed(broker, "rki")
-    changed = publish_completed(broker, "rki")
+    unchanged = actors.publish_completed(broker.url)
+    changed = actors.publish_completed(broker.url)
     workspace.ledger.write_text(
         "<?xml version='1.0' encoding='UTF-8'?>\n<status>\n"
         f"  <request-status>\n    <id>{unchanged}</id>\n    <completion>1.0</completion>\n"
@@ -128,7 +116,7 @@ def test_sync_continues_an_original_ledger_without_reuploading(broker, workspace
 
 
 def test_sync_dry_run_prints_plan_and_changes_nothing(broker, workspace):
-    publish_completed(broker, "rki")
+    actors.publish_completed(broker.url)
     broker.requests_log.clear()
     result = workspace.sync("--dry-run")
     assert result.returncode == 0, result.stderr
@@ -141,8 +129,8 @@ def test_sync_dry_run_prints_plan_and_changes_nothing(broker, workspace):
 
 
 def test_sync_partial_failure_exits_3_and_records_the_rest(broker, workspace):
-    first = publish_completed(broker, "rki")
-    second = publish_completed(broker, "rki")
+    first = actors.publish_completed(broker.url)
+    second = actors.publish_completed(broker.url)
     broker.inject_fault("POST", rf"/broker/export/request-bundle/{first}$", status=500)
 
     result = workspace.sync()
@@ -159,7 +147,7 @@ def test_sync_partial_failure_exits_3_and_records_the_rest(broker, workspace):
 
 
 def test_sync_truncated_download_uploads_nothing_and_leaves_no_temp_files(broker, workspace):
-    request_id = publish_completed(broker, "rki", result=b"x" * 200_000)
+    request_id = actors.publish_completed(broker.url, result=b"x" * 200_000)
     broker.inject_fault("GET", r"/broker/download/", truncate_after=1000)
 
     result = workspace.sync()
@@ -171,7 +159,7 @@ def test_sync_truncated_download_uploads_nothing_and_leaves_no_temp_files(broker
 
 
 def test_sync_sftp_transfer_refused_exits_14_with_ledger_untouched(broker, workspace, sshd):
-    publish_completed(broker, "rki")
+    actors.publish_completed(broker.url)
     sshd.read_only_folder("readonly")
     workspace.rewrite_config(f'FOLDERNAME = "{workspace.remote.name}"', 'FOLDERNAME = "readonly"')
 
@@ -182,14 +170,14 @@ def test_sync_sftp_transfer_refused_exits_14_with_ledger_untouched(broker, works
 
 
 def test_sync_upload_ledger_can_be_switched_off(broker, workspace):
-    publish_completed(broker, "rki")
+    actors.publish_completed(broker.url)
     workspace.rewrite_config('FOLDERNAME = ', 'UPLOAD_LEDGER = false\nFOLDERNAME = ')
     assert workspace.sync().returncode == 0
     assert workspace.remote_names() == ["export_0.zip"]
 
 
 def test_sync_failed_ledger_upload_is_retried_by_next_run(broker, workspace):
-    publish_completed(broker, "rki")
+    actors.publish_completed(broker.url)
     assert workspace.sync().returncode == 0
     (workspace.remote / "status.xml").unlink()
     (workspace.working_dir / "status.xml.uploaded-sha256").write_text("stale\n")
@@ -198,7 +186,7 @@ def test_sync_failed_ledger_upload_is_retried_by_next_run(broker, workspace):
 
 
 def test_sync_another_run_holding_the_lock_exits_11(broker, workspace):
-    publish_completed(broker, "rki")
+    actors.publish_completed(broker.url)
     with RunLock(workspace.working_dir):
         result = workspace.sync()
     assert result.returncode == 11
@@ -209,41 +197,35 @@ def test_sync_another_run_holding_the_lock_exits_11(broker, workspace):
 
 
 def test_sync_secrets_never_appear_in_output(broker, workspace, sshd):
-    publish_completed(broker, "rki")
+    actors.publish_completed(broker.url)
     result = workspace.sync("-vv")
     assert result.returncode == 0, result.stderr
     output = result.stdout + result.stderr
     assert "upload request 0" in output
-    for secret in ("xxxAdmin1234", sshd.password, workspace.key_path.read_text().strip()):
+    for secret in (ADMIN_KEY, sshd.password, workspace.key_path.read_text().strip()):
         assert secret not in output
 
 
 def test_sync_interrupted_by_sigterm_leaves_nothing_behind_and_keeps_ledger(broker, workspace, sshd):
-    publish_completed(broker, "rki")
+    actors.publish_completed(broker.url)
     workspace.pin_host_key(sshd)
     broker.inject_fault("GET", r"/broker/download/", delay=3.0)
-    process = subprocess.Popen([sys.executable, "-m", "broker_sftp_uploader", "sync", "-c",
-                                str(workspace.config_path)], stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 20
 
     def downloading() -> bool:
         return any(entry.path.startswith("/broker/download/") for entry in list(broker.requests_log))
 
-    while not downloading() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert downloading(), "the upload never started"
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=30)
-    assert process.returncode == 130
-    assert stderr.startswith("Error: interrupted")
+    result = workspace.sync_terminated_when(downloading, "the download of the result", timeout=20)
+    assert result.returncode == 130
+    assert result.stderr.startswith("Error: interrupted")
     assert sorted(path.name for path in workspace.working_dir.iterdir()) == ["known_hosts", "status.xml.lock"]
     assert workspace.remote_names() == []
 
 
 def test_sync_removes_temp_files_a_killed_run_left(broker, workspace):
-    publish_completed(broker, "rki")
+    actors.publish_completed(broker.url)
     (workspace.working_dir / ".status.xml.x1y2.tmp").write_bytes(b"<status>")
     (workspace.working_dir / ".status.xml.uploaded-sha256.a1b2.tmp").write_bytes(b"12")
+    (workspace.working_dir / ".last-run.json.k9z8.tmp").write_bytes(b"{")  # killed while saving the report
     result = workspace.sync()
     assert result.returncode == 0
     assert "left behind by an interrupted run" in result.stderr
@@ -251,7 +233,7 @@ def test_sync_removes_temp_files_a_killed_run_left(broker, workspace):
 
 
 def test_sync_encrypts_with_the_first_key_of_a_rotated_key_file(broker, workspace):
-    publish_completed(broker, "rki")
+    actors.publish_completed(broker.url)
     old_key = workspace.key_path.read_bytes().strip()
     new_key = Fernet.generate_key()
     workspace.key_path.write_bytes(new_key + b"\n" + old_key + b"\n")
@@ -263,7 +245,7 @@ def test_sync_encrypts_with_the_first_key_of_a_rotated_key_file(broker, workspac
 
 
 def test_keygen_key_works_for_sync_and_decrypt(broker, workspace):
-    publish_completed(broker, "rki", result=b"x;y\n" * 50_000)
+    actors.publish_completed(broker.url, result=b"x;y\n" * 50_000)
     workspace.key_path.unlink()
     assert workspace.run("keygen", str(workspace.key_path)).returncode == 0
     assert workspace.sync().returncode == 0
@@ -276,22 +258,10 @@ def test_keygen_key_works_for_sync_and_decrypt(broker, workspace):
 
 
 def test_sync_interrupted_mid_upload_removes_the_partial_remote_file(broker, workspace, sshd, tmp_path):
-    result_file = tmp_path / "big.bin"
-    block = os.urandom(1024 * 1024)
-    with open(result_file, "wb") as handle:
-        handle.writelines(block for _ in range(96))
-    request_id = actors.create_request(broker.url, "rki")
-    actors.put_result(broker.url, CLIENT_1, request_id, result_file)
-    actors.post_status(broker.url, CLIENT_1, request_id, "completed")
+    result_file = actors.write_incompressible_file(tmp_path / "big.bin", 96)
+    actors.publish_completed(broker.url, result=result_file)
     workspace.pin_host_key(sshd)
-    process = subprocess.Popen([sys.executable, "-m", "broker_sftp_uploader", "sync", "-c",
-                                str(workspace.config_path)], stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not list(workspace.remote.glob(".export_*.part-*")) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert list(workspace.remote.glob(".export_*.part-*")), "no partial upload was seen"
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=30)
-    assert process.returncode == 130, stderr
+    result = workspace.sync_terminated_mid_upload()
+    assert result.returncode == 130, result.stderr
     assert workspace.remote_names() == []
     assert not workspace.ledger.exists()

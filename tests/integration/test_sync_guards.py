@@ -9,14 +9,6 @@ from cryptography.fernet import Fernet
 from lxml import etree
 
 from test_resources import broker_actors as actors
-from tests.conftest import CLIENT_1
-
-
-def publish_completed(broker, tag: str = "rki") -> int:
-    request_id = actors.create_request(broker.url, tag)
-    actors.put_result(broker.url, CLIENT_1, request_id, f"result of {request_id}\n".encode())
-    actors.post_status(broker.url, CLIENT_1, request_id, "completed")
-    return request_id
 
 
 def result_in(workspace, name: str) -> bytes:
@@ -32,7 +24,7 @@ def deleted_ids(workspace) -> list[str]:
 
 def test_wrong_tag_deletes_nothing_and_exits_4(broker, workspace):
     for _ in range(3):
-        publish_completed(broker)
+        actors.publish_completed(broker.url)
     assert workspace.sync().returncode == 0
     before = workspace.remote_names()
     workspace.rewrite_config('TAG = "rki"', 'TAG = "rkj"')
@@ -52,11 +44,11 @@ def test_wrong_tag_deletes_nothing_and_exits_4(broker, workspace):
 
 def test_partial_listing_deletes_nothing_but_uploads_go_ahead(broker, workspace):
     for _ in range(3):
-        publish_completed(broker)
+        actors.publish_completed(broker.url)
     assert workspace.sync().returncode == 0
     actors.delete_request(broker.url, 0)
     actors.delete_request(broker.url, 1)
-    new = publish_completed(broker)
+    new = actors.publish_completed(broker.url)
 
     result = workspace.sync()
     assert result.returncode == 4, result.stderr
@@ -72,7 +64,7 @@ def test_partial_listing_deletes_nothing_but_uploads_go_ahead(broker, workspace)
 
 def test_guard_limits_come_from_the_config(broker, workspace):
     for _ in range(2):
-        publish_completed(broker)
+        actors.publish_completed(broker.url)
     assert workspace.sync().returncode == 0
     actors.delete_request(broker.url, 0)
     actors.delete_request(broker.url, 1)
@@ -83,23 +75,24 @@ def test_guard_limits_come_from_the_config(broker, workspace):
 
 
 def test_download_name_of_another_request_never_overwrites_its_file(broker, workspace):
-    first, second = publish_completed(broker), publish_completed(broker)
-    broker.download_names[second] = f"export_{first}.zip"  # the broker names request 1's bundle export_0.zip
+    first = actors.publish_completed(broker.url, result=b"result of the first\n")
+    second = actors.publish_completed(broker.url, result=b"result of the second\n")
+    broker.download_names[int(second)] = f"export_{first}.zip"  # names request 1's bundle export_0.zip
     assert workspace.sync().returncode == 0
     assert workspace.remote_names() == [f"export_{first}.zip", f"export_{second}.zip", "status.xml"]
-    assert result_in(workspace, f"export_{first}.zip") == f"result of {first}\n".encode()
-    assert result_in(workspace, f"export_{second}.zip") == f"result of {second}\n".encode()
+    assert result_in(workspace, f"export_{first}.zip") == b"result of the first\n"
+    assert result_in(workspace, f"export_{second}.zip") == b"result of the second\n"
 
     actors.delete_request(broker.url, second)
     assert workspace.sync().returncode == 0
     assert workspace.remote_names() == [f"export_{first}.zip", "status.xml"]
-    assert result_in(workspace, f"export_{first}.zip") == f"result of {first}\n".encode()
+    assert result_in(workspace, f"export_{first}.zip") == b"result of the first\n"
 
 
 def test_ledger_file_name_outside_the_folder_is_refused_before_anything_happens(broker, workspace, sshd):
     victim = workspace.remote.parent / "victim.txt"
     victim.write_text("keep me")
-    publish_completed(broker)
+    actors.publish_completed(broker.url)
     workspace.ledger.write_text(
         "<status><request-status><id>5</id><completion>1.0</completion><uploaded>2021-10-11 09:39:50</uploaded>"
         "<file>../victim.txt</file></request-status></status>")
@@ -118,7 +111,7 @@ def test_ledger_file_name_outside_the_folder_is_refused_before_anything_happens(
 
 
 def test_legacy_file_name_is_replaced_by_the_conventional_one(broker, workspace):
-    request_id = publish_completed(broker)
+    request_id = actors.publish_completed(broker.url)
     (workspace.remote / "bundle.zip").write_bytes(b"old upload")
     workspace.ledger.write_text(
         f"<status><request-status><id>{request_id}</id><completion>0.5</completion>"
@@ -131,7 +124,7 @@ def test_legacy_file_name_is_replaced_by_the_conventional_one(broker, workspace)
 
 
 def test_partial_upload_left_by_a_killed_run_is_removed_by_a_run_with_no_work(broker, workspace):
-    publish_completed(broker)
+    actors.publish_completed(broker.url)
     assert workspace.sync().returncode == 0
     leftover = workspace.remote / ".export_0.zip.part-00112233aabb"
     leftover.write_bytes(b"half an upload")

@@ -18,21 +18,13 @@ from lxml import etree
 from prometheus_client.parser import text_string_to_metric_families
 
 from test_resources import broker_actors as actors
-from tests.conftest import CLIENT_1
 
 SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "docs" / "last-run.schema.json").read_text())
 
 
-def publish(broker, result: bytes = b"a;b\n") -> int:
-    request_id = actors.create_request(broker.url, "rki")
-    actors.put_result(broker.url, CLIENT_1, request_id, result)
-    actors.post_status(broker.url, CLIENT_1, request_id, "completed")
-    return request_id
-
-
-def entry(workspace, request_id: int) -> dict[str, str]:
+def entry(workspace, request_id: str) -> dict[str, str]:
     for element in etree.parse(str(workspace.ledger)).getroot():
-        if element.findtext("id") == str(request_id):
+        if element.findtext("id") == request_id:
             return {child.tag: child.text for child in element}
     raise AssertionError(f"request {request_id} is not in the ledger")
 
@@ -42,7 +34,8 @@ def last_run(workspace) -> dict:
 
 
 def test_json_report_on_stdout_validates_and_equals_last_run(broker, workspace):
-    first, second = publish(broker, b"x" * 5000), publish(broker)
+    first = actors.publish_completed(broker.url, result=b"x" * 5000)
+    second = actors.publish_completed(broker.url)
     result = workspace.sync("--json")
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
@@ -51,7 +44,7 @@ def test_json_report_on_stdout_validates_and_equals_last_run(broker, workspace):
     assert document["counts"] == {"uploaded": 2, "deleted": 0, "unchanged": 0, "failed": 0, "refused": 0}
     uploads = [action for action in document["actions"] if action["action"] == "upload"]
     assert [(action["request_id"], action["reason"], action["outcome"]) for action in uploads] == [
-        (str(first), "new", "done"), (str(second), "new", "done")]
+        (first, "new", "done"), (second, "new", "done")]
     sizes = {name: (workspace.remote / name).stat().st_size for name in workspace.remote_names()}
     assert [action["bytes"] for action in uploads] == [sizes[f"export_{first}.zip"], sizes[f"export_{second}.zip"]]
     assert document["bytes_uploaded"] == sum(action["bytes"] for action in uploads)
@@ -62,7 +55,7 @@ def test_failed_run_leaves_its_report_and_metrics(broker, workspace, tmp_path):
     metrics = tmp_path / "textfile" / "uploader.prom"
     metrics.parent.mkdir()
     workspace.rewrite_config('WORKING_DIR = "work"', f'WORKING_DIR = "work"\nMETRICS_FILE = "{metrics}"')
-    publish(broker)
+    actors.publish_completed(broker.url)
     assert workspace.sync().returncode == 0
     first = {family.name: family for family in text_string_to_metric_families(metrics.read_text())}
     success = first["broker_sftp_uploader_last_success_timestamp_seconds"].samples[0].value
@@ -84,7 +77,7 @@ def test_failed_run_leaves_its_report_and_metrics(broker, workspace, tmp_path):
 
 def test_log_file_gets_info_while_stderr_stays_quiet(broker, workspace, sshd, tmp_path):
     log = tmp_path / "uploader.log"
-    publish(broker)
+    actors.publish_completed(broker.url)
     workspace.pin_host_key(sshd)
     result = workspace.sync("--log-file", str(log))
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
@@ -94,16 +87,25 @@ def test_log_file_gets_info_while_stderr_stays_quiet(broker, workspace, sshd, tm
     assert log.read_text().count("broker lists 1 request(s)") == 2  # appended, not replaced
 
 
+def test_a_log_file_that_cannot_be_opened_is_a_config_error_and_nothing_runs(broker, workspace, tmp_path):
+    actors.publish_completed(broker.url)
+    result = workspace.sync("--log-file", str(tmp_path / "no-such-folder" / "uploader.log"))
+    assert result.returncode == 10
+    assert result.stderr == (f"Error: cannot open the log file {tmp_path}/no-such-folder/uploader.log: No such file "
+                             "or directory; check --log-file / MISC.LOG_FILE\n")
+    assert workspace.remote_names() == [] and not workspace.ledger.exists()
+
+
 def test_request_is_sent_again_and_nothing_else_is_touched(broker, workspace):
-    first, second = publish(broker, b"first\n"), publish(broker, b"second\n")
+    first, second = (actors.publish_completed(broker.url, result=data) for data in (b"first\n", b"second\n"))
     assert workspace.sync().returncode == 0
     inode_second = (workspace.remote / f"export_{second}.zip").stat().st_ino
     inode_first = (workspace.remote / f"export_{first}.zip").stat().st_ino
 
-    dry = workspace.sync("--request", str(first), "--dry-run")
+    dry = workspace.sync("--request", first, "--dry-run")
     assert dry.returncode == 0
     assert f"would re-send request {first} (asked for, completion 1.0)" in dry.stdout
-    result = workspace.sync("--request", str(first))
+    result = workspace.sync("--request", first)
     assert result.returncode == 0, result.stderr
     assert (workspace.remote / f"export_{first}.zip").stat().st_ino != inode_first
     assert (workspace.remote / f"export_{second}.zip").stat().st_ino == inode_second
@@ -112,7 +114,7 @@ def test_request_is_sent_again_and_nothing_else_is_touched(broker, workspace):
 
 
 def test_request_that_is_not_listed_is_a_usage_error(broker, workspace):
-    publish(broker)
+    actors.publish_completed(broker.url)
     result = workspace.sync("--request", "77")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
@@ -121,7 +123,8 @@ def test_request_that_is_not_listed_is_a_usage_error(broker, workspace):
 
 
 def test_repair_restores_missing_and_damaged_files(broker, workspace):
-    first, second, third = publish(broker, b"1\n"), publish(broker, b"2\n"), publish(broker, b"3\n")
+    first, second, third = (actors.publish_completed(broker.url, result=data)
+                            for data in (b"1\n", b"2\n", b"3\n"))
     assert workspace.sync().returncode == 0
     (workspace.remote / f"export_{first}.zip").unlink()
     damaged = workspace.remote / f"export_{second}.zip"
@@ -143,8 +146,8 @@ def test_repair_restores_missing_and_damaged_files(broker, workspace):
     assert f"export_{first}.zip (request {first}) is missing on the server" in result.stderr
     assert (workspace.remote / f"export_{third}.zip").stat().st_ino == untouched
     document = last_run(workspace)
-    assert sorted(action["request_id"] for action in document["actions"] if action["reason"] == "repair") == [
-        str(first), str(second)]
+    repaired = [action["request_id"] for action in document["actions"] if action["reason"] == "repair"]
+    assert sorted(repaired) == [first, second]
     from broker_sftp_uploader.state.ledger import Ledger
     from broker_sftp_uploader.engine.audit import compare_remote
     sizes = {path.name: path.stat().st_size for path in workspace.remote.iterdir()}
@@ -178,11 +181,8 @@ def run_on_terminal(workspace, *extra: str) -> tuple[int, str]:
 
 @pytest.mark.parametrize("forced", [False, True], ids=["terminal", "forced-off"])
 def test_terminal_shows_progress_and_summary_unless_switched_off(broker, workspace, sshd, tmp_path, forced):
-    big = tmp_path / "big.bin"
-    big.write_bytes(os.urandom(24 * 1024 * 1024))
-    request_id = actors.create_request(broker.url, "rki")
-    actors.put_result(broker.url, CLIENT_1, request_id, big)
-    actors.post_status(broker.url, CLIENT_1, request_id, "completed")
+    big = actors.write_incompressible_file(tmp_path / "big.bin", 24)
+    request_id = actors.publish_completed(broker.url, result=big)
     workspace.pin_host_key(sshd)
     code, output = run_on_terminal(workspace, *(["--no-progress"] if forced else []))
     assert code == 0, output
@@ -194,10 +194,10 @@ def test_terminal_shows_progress_and_summary_unless_switched_off(broker, workspa
 
 
 def test_without_a_terminal_a_successful_run_prints_nothing_unless_forced(broker, workspace, sshd):
-    publish(broker)
+    actors.publish_completed(broker.url)
     workspace.pin_host_key(sshd)
     assert workspace.sync().stderr == ""
-    publish(broker)
+    actors.publish_completed(broker.url)
     result = workspace.sync("--progress")
     assert result.returncode == 0
     assert result.stderr.strip().splitlines()[-1].startswith("1 uploaded (")

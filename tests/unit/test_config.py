@@ -1,16 +1,19 @@
 """Unit tests for config loading and validation."""
 
+import time
 from pathlib import Path
 
 import pytest
 
-from broker_sftp_uploader.config import load_config
+from broker_sftp_uploader.config import NUMBER_KEYS, SFTP_TIMEOUT, load_config
 from broker_sftp_uploader.errors import ConfigError
+from test_resources.broker_actors import ADMIN_KEY
 
-ORIGINAL = """\
+API_KEY_LINE = f'API_KEY = "{ADMIN_KEY}"'
+ORIGINAL = f"""\
 [BROKER]
 URL = "http://localhost:8080"
-API_KEY = "xxxAdmin1234"
+{API_KEY_LINE}
 
 [REQUESTS]
 TAG = "rki"
@@ -60,7 +63,7 @@ def test_load_config_original_file_loads_unchanged(tmp_path):
 
 def test_load_config_secrets_not_in_repr(tmp_path):
     config = load_config(write(tmp_path, ORIGINAL))
-    assert "xxxAdmin1234" not in repr(config)
+    assert ADMIN_KEY not in repr(config)
     assert "sftppassword" not in repr(config)
 
 
@@ -77,7 +80,7 @@ def test_load_config_smtp_section_of_original_accepted(tmp_path):
 
 
 def test_load_config_reports_every_problem_at_once(tmp_path):
-    text = (ORIGINAL.replace('API_KEY = "xxxAdmin1234"\n', "")
+    text = (ORIGINAL.replace(API_KEY_LINE + "\n", "")
             .replace('TIMEOUT = "25"', 'TIMEOUT = "soon"\nPORT = 70000\nPASWORD = "x"')
             .replace('TAG = "rki"', "TAG = 5"))
     problems = problems_of(write(tmp_path, text))
@@ -144,7 +147,7 @@ def test_load_config_new_keys_default(tmp_path):
 
 
 def test_load_config_new_keys_set(tmp_path):
-    text = (ORIGINAL.replace('API_KEY = "xxxAdmin1234"', 'API_KEY = "xxxAdmin1234"\nCALL_TIMEOUT = 30\n'
+    text = (ORIGINAL.replace(API_KEY_LINE, f'{API_KEY_LINE}\nCALL_TIMEOUT = 30\n'
                              'EXPORT_TIMEOUT = "7200"\nRETRIES = 0')
             .replace('TAG = "rki"', 'TAG = "rki"\nMAX_DELETE_PERCENT = 12.5\nMAX_DELETE_COUNT = "0"')
             .replace('FOLDERNAME = "rki"', 'FOLDERNAME = "rki"\nRETRIES = 10')
@@ -159,7 +162,7 @@ def test_load_config_new_keys_set(tmp_path):
 
 
 def test_load_config_new_keys_out_of_range_all_reported(tmp_path):
-    text = (ORIGINAL.replace('API_KEY = "xxxAdmin1234"', 'API_KEY = "xxxAdmin1234"\nCALL_TIMEOUT = 0.5\n'
+    text = (ORIGINAL.replace(API_KEY_LINE, f'{API_KEY_LINE}\nCALL_TIMEOUT = 0.5\n'
                              'EXPORT_TIMEOUT = 86401\nRETRIES = 11')
             .replace('TAG = "rki"', 'TAG = "rki"\nMAX_DELETE_PERCENT = 100.5\nMAX_DELETE_COUNT = -1')
             .replace('FOLDERNAME = "rki"', 'FOLDERNAME = "rki"\nRETRIES = 2.5')
@@ -192,17 +195,56 @@ def test_load_config_concurrency_defaults(tmp_path):
 
 
 def test_load_config_concurrency_and_transport_set(tmp_path):
-    text = ORIGINAL.replace('API_KEY = "xxxAdmin1234"', 'API_KEY = "xxxAdmin1234"\nCONCURRENCY = 4').replace(
+    text = ORIGINAL.replace(API_KEY_LINE, f'{API_KEY_LINE}\nCONCURRENCY = 4').replace(
         'FOLDERNAME = "rki"', 'FOLDERNAME = "rki"\nPARALLEL_UPLOADS = 1\nTRANSPORT = "openssh"')
     config = load_config(write(tmp_path, text))
     assert (config.broker.concurrency, config.sftp.parallel_uploads, config.sftp.transport) == (4, 1, "openssh")
 
 
 def test_load_config_concurrency_and_transport_problems_all_reported(tmp_path):
-    text = ORIGINAL.replace('API_KEY = "xxxAdmin1234"', 'API_KEY = "xxxAdmin1234"\nCONCURRENCY = 0').replace(
+    text = ORIGINAL.replace(API_KEY_LINE, f'{API_KEY_LINE}\nCONCURRENCY = 0').replace(
         'FOLDERNAME = "rki"', 'FOLDERNAME = "rki"\nPARALLEL_UPLOADS = 10\nTRANSPORT = "scp"')
     assert problems_of(write(tmp_path, text)) == [
         "BROKER.CONCURRENCY: must be between 1 and 64, got 0",
         "SFTP.PARALLEL_UPLOADS: must be between 1 and 9, got 10",
         "SFTP.TRANSPORT: expected one of 'paramiko', 'openssh', got 'scp'",
     ]
+
+
+def with_number(section: str, key: str, value: float) -> str:
+    """ORIGINAL with ``section.key = value`` (replacing the key if ORIGINAL sets it)."""
+    lines = [line for line in ORIGINAL.splitlines() if not line.startswith(f"{key} = ")]
+    at = lines.index(f"[{section}]") + 1
+    return "\n".join([*lines[:at], f"{key} = {value:g}", *lines[at:]]) + "\n"
+
+
+@pytest.mark.parametrize("spec", NUMBER_KEYS, ids=lambda spec: spec.name)
+def test_every_number_key_defaults_and_limits_come_from_its_spec(tmp_path, spec):
+    """The spec is the one place: writing its default changes nothing, its limits are accepted, and one
+    step beyond either is refused naming the key."""
+    if spec.default is not None:
+        assert spec.minimum <= spec.default <= (spec.maximum if spec.maximum is not None else spec.default)
+        assert (load_config(write(tmp_path, with_number(spec.section, spec.key, spec.default)))
+                == load_config(write(tmp_path, ORIGINAL)))
+    for accepted in (spec.minimum, spec.maximum):
+        if accepted is not None:
+            load_config(write(tmp_path, with_number(spec.section, spec.key, accepted)))
+    below = problems_of(write(tmp_path, with_number(spec.section, spec.key, spec.minimum - 1)))
+    assert [problem.split(":")[0] for problem in below] == [spec.name]
+    if spec.maximum is not None:
+        above = problems_of(write(tmp_path, with_number(spec.section, spec.key, spec.maximum + 1)))
+        assert above == [f"{spec.name}: must be between {spec.minimum:g} and {spec.maximum:g}, "
+                         f"got {spec.maximum + 1:g}"]
+
+
+def test_required_number_without_a_default_is_reported_missing(tmp_path):
+    text = "\n".join(line for line in ORIGINAL.splitlines() if not line.startswith("TIMEOUT = "))
+    assert problems_of(write(tmp_path, text)) == [f"{SFTP_TIMEOUT.name}: missing"]
+
+
+def test_run_deadline_is_the_run_timeout_from_now(tmp_path):
+    config = load_config(write(tmp_path, ORIGINAL))
+    before = time.monotonic()
+    deadline = config.run_deadline()
+    after = time.monotonic()
+    assert before + config.run_timeout <= deadline <= after + config.run_timeout

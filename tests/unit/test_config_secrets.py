@@ -10,8 +10,7 @@ import pytest
 
 from broker_sftp_uploader.config import load_config
 from broker_sftp_uploader.errors import ConfigError
-
-API_KEY = "xxxAdmin1234"
+from test_resources.broker_actors import ADMIN_KEY as API_KEY
 PASSWORD = "sftp-pass-word"
 PASSPHRASE = "key-pass-phrase"
 
@@ -162,14 +161,14 @@ def test_secret_file_missing_or_a_directory(tmp_path):
     path = write(tmp_path, broker='API_KEY_FILE = "absent"', sftp='PASSWORD_FILE = "folder"')
     assert problems_of(path) == [
         f"BROKER.API_KEY_FILE: file {tmp_path / 'absent'} does not exist",
-        f"SFTP.PASSWORD_FILE: {tmp_path / 'folder'} is not a regular file",
+        f"SFTP.PASSWORD_FILE: file {tmp_path / 'folder'} is not a regular file",
     ]
 
 
 def test_secret_file_fifo_does_not_hang(tmp_path):
     os.mkfifo(tmp_path / "pipe")
     path = write(tmp_path, sftp='PASSWORD_FILE = "pipe"')
-    assert problems_of(path) == [f"SFTP.PASSWORD_FILE: {tmp_path / 'pipe'} is not a regular file"]
+    assert problems_of(path) == [f"SFTP.PASSWORD_FILE: file {tmp_path / 'pipe'} is not a regular file"]
 
 
 def test_empty_environment_variable_is_an_error(tmp_path):

@@ -26,8 +26,8 @@ from broker_sftp_uploader.crypto import (
     decrypt_to_stream,
     encrypt_stream,
     encrypted_size,
-    fingerprint,
     generate_key_file,
+    key_fingerprint,
     load_keys,
     output_path_for,
 )
@@ -372,7 +372,7 @@ def test_generate_key_file(tmp_path):
     content = path.read_bytes()
     assert content.endswith(b"\n") and content.count(b"\n") == 1
     Fernet(content.strip()).decrypt(Fernet(content.strip()).encrypt(b"ok"))
-    assert printed == fingerprint(content) == fingerprint(content.strip().decode())
+    assert printed == key_fingerprint(content) == key_fingerprint(content.strip().decode())
     assert len(printed) == 8 and int(printed, 16) >= 0
     assert load_keys(path) == [content.strip()]
 
@@ -426,13 +426,25 @@ def test_load_keys_missing_file(tmp_path):
         load_keys(tmp_path / "nope.key")
 
 
+def test_load_keys_refuses_a_fifo_without_blocking_and_a_huge_file_without_reading_it(tmp_path):
+    """A key path naming a FIFO (nobody writes) or a file far too big (/dev/zero's kind) must neither hang
+    the run nor fill its memory."""
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(KeyFileError, match=f"key file {tmp_path / 'pipe'} is not a regular file"):
+        load_keys(tmp_path / "pipe")
+    huge = tmp_path / "huge.key"
+    huge.write_bytes(Fernet.generate_key() + b"\n" + b"#" * crypto.KEY_FILE_LIMIT)
+    with pytest.raises(KeyFileError, match="is larger than 64 KiB"):
+        load_keys(huge)
+
+
 @pytest.mark.parametrize(("mode", "warned"), [(0o644, True), (0o640, True), (0o600, False), (0o400, False)])
 def test_load_keys_warns_about_loose_permissions(tmp_path, caplog, mode, warned):
     key = Fernet.generate_key()
     path = tmp_path / "keys"
     path.write_bytes(key + b"\n")
     path.chmod(mode)
-    with caplog.at_level(logging.WARNING, logger="broker_sftp_uploader.crypto"):
+    with caplog.at_level(logging.WARNING, logger="broker_sftp_uploader"):
         load_keys(path)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert bool(warnings) == warned
@@ -465,12 +477,12 @@ def test_key_delivered_as_a_systemd_credential_gives_no_warning(tmp_path, caplog
     _grant_read_by_acl(path, 65534)
     assert path.stat().st_mode & 0o777 == 0o440  # what the service sees
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
-    with caplog.at_level(logging.WARNING, logger="broker_sftp_uploader.crypto"):
+    with caplog.at_level(logging.WARNING, logger="broker_sftp_uploader"):
         load_keys(path)
     assert [r for r in caplog.records if r.levelno == logging.WARNING] == []
     # the same file outside a service's credentials is judged by its mode as usual
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "elsewhere"))
-    with caplog.at_level(logging.WARNING, logger="broker_sftp_uploader.crypto"):
+    with caplog.at_level(logging.WARNING, logger="broker_sftp_uploader"):
         load_keys(path)
     assert any("chmod 600" in r.getMessage() for r in caplog.records)
 

@@ -5,9 +5,9 @@ import io
 import pytest
 from cryptography.fernet import Fernet
 
-from broker_sftp_uploader.crypto import encrypted_size
+from broker_sftp_uploader.crypto import encrypted_size, is_possible_token_size
 from broker_sftp_uploader.state.ledger import LedgerEntry
-from broker_sftp_uploader.engine.audit import compare_remote, is_possible_token_size
+from broker_sftp_uploader.engine.audit import compare_remote
 
 
 def entry(request_id, deleted=None, name=None, size=None):
@@ -19,6 +19,13 @@ def test_is_possible_token_size_accepts_every_real_token(plain):
     token = Fernet(Fernet.generate_key()).encrypt(b"x" * plain)
     assert len(token) == encrypted_size(plain)
     assert is_possible_token_size(len(token))
+
+
+def test_possible_token_sizes_are_exactly_the_sizes_tokens_have():
+    """One arithmetic: the audit's judgement and the encryptor's size agree on every size up to a limit."""
+    limit = encrypted_size(5000)
+    real = {encrypted_size(plain) for plain in range(5000)}
+    assert {size for size in range(-4, limit + 1) if is_possible_token_size(size)} == real
 
 
 def test_is_possible_token_size_refuses_most_truncations():
