@@ -6,7 +6,9 @@ does not stop the SFTP checks). The exit code is that of the first failed step.
 
 Nothing is written: not the ledger, not the lock file (a held lock is only tested), not the partials
 journal, not known_hosts (the SFTP login uses a temporary copy of it, so a new host key is shown
-and not recorded). On the server, a hidden probe file is written, renamed and removed.
+and not recorded). On the server, the folder probe takes a sync's path: a hidden file is written, then
+uploaded over by ``SftpSession.upload`` (temp name, the rename method a sync would choose, the check
+of what the rename left), and both are removed.
 
 The login that records no host key is ``sftp/readonly_login.py``, shared with ``status --remote``.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import logging
 import os
 import posixpath
@@ -36,13 +39,14 @@ from broker_sftp_uploader.errors import (
     EXIT_SFTP,
     BrokerError,
     ConfigError,
+    SftpError,
     UploaderError,
 )
 from broker_sftp_uploader.interrupts import deferred
 from broker_sftp_uploader.state.ledger import Ledger
 from broker_sftp_uploader.state.lock import lock_holder
 from broker_sftp_uploader.sftp.readonly_login import sftp_without_recording
-from broker_sftp_uploader.sftp.session import FAILURES, SftpSession, reason
+from broker_sftp_uploader.sftp.session import FAILURES, METHOD_DELETE_THEN_RENAME, SftpSession, reason
 from broker_sftp_uploader.sftp.ssh_keys import load_known_hosts, load_private_key, ssh_fingerprint
 from broker_sftp_uploader.broker.client import broker_client
 
@@ -63,7 +67,7 @@ STEPS: dict[str, str] = {
     "requests": "how many REQUESTS.TAG selects; none is a warning",
     "sftp server": "host key new, known or changed",
     "sftp login": "",
-    "sftp folder": "a hidden probe file is written, renamed and removed",
+    "sftp folder": "a hidden probe file is written, replaced as a sync replaces files, and removed",
     "ledger": "",
     "lock": "is a run going on?",
 }
@@ -78,6 +82,7 @@ class Finding:
     outcome: str  # OK, WARNING, FAILED, INFO or SKIPPED ("status" in the JSON form)
     message: str
     exit_code: int = EXIT_OK
+    details: dict | None = None  # more facts for the JSON form ("details"), e.g. the SFTP server's
 
 
 @dataclass
@@ -92,9 +97,12 @@ class CheckReport:
         return next((finding.exit_code for finding in self.findings if finding.outcome == FAILED), EXIT_OK)
 
     def document(self) -> dict:
-        """The JSON form: ``{"version": 1, "exit_code": N, "checks": [{"name", "status", "message"}]}``."""
+        """The JSON form: ``{"version": 1, "exit_code": N, "checks": [{"name", "status", "message"}]}``,
+        a check with more facts also with ``"details"`` (the "sftp folder" check: the server's software,
+        SFTP version, extensions and rename method)."""
         return {"version": CHECK_VERSION, "exit_code": self.exit_code,
-                "checks": [{"name": finding.name, "status": finding.outcome, "message": finding.message}
+                "checks": [{"name": finding.name, "status": finding.outcome, "message": finding.message,
+                            **({"details": finding.details} if finding.details is not None else {})}
                            for finding in self.findings]}
 
     def lines(self) -> list[str]:
@@ -290,7 +298,10 @@ def _check_sftp(config: Config, deadline: float) -> list[Finding]:
         if visit.connection is None:
             findings.append(Finding("sftp folder", SKIPPED, "needs a login"))
         else:
-            findings.append(_probe_folder(visit.connection.main, settings, visit.connection.where))
+            connection = visit.connection
+            session = SftpSession(connection.main.client, settings.folder, connection.where,
+                                  traits=connection.traits)
+            findings.append(_probe_folder(session, settings, connection.where))
     return findings
 
 
@@ -315,7 +326,9 @@ def _methods(settings: SftpSettings) -> str:
 
 
 def _probe_folder(session: SftpSession, settings: SftpSettings, where: str) -> Finding:
-    """Check FOLDERNAME is a folder in which a file can be written, renamed and deleted; leave nothing."""
+    """Check FOLDERNAME is a folder in which a sync can work: a file is written, replaced the way a sync
+    replaces files (``SftpSession.upload``: the same rename method, the same check of its outcome) and
+    deleted; nothing is left. The finding names the rename method; its details, the server's facts."""
     client = session.client
     folder = settings.folder
     try:
@@ -331,31 +344,42 @@ def _probe_folder(session: SftpSession, settings: SftpSettings, where: str) -> F
     if mode is not None and not stat.S_ISDIR(mode):
         return Finding("sftp folder", FAILED, f"{folder!r} on {where} is not a folder; fix SFTP.FOLDERNAME",
                        EXIT_SFTP)
-    token = secrets.token_hex(6)
-    written = posixpath.join(folder, f".bsu-check-{token}")
-    renamed = posixpath.join(folder, f".bsu-check-{token}.renamed")
+    name = f".bsu-check-{secrets.token_hex(6)}"
+    existing = posixpath.join(folder, name)
     step = "create a file in"
-    try:
-        with deferred():
-            with client.open(written, "wxb") as probe:  # x: never over an existing file
-                probe.write(PROBE_CONTENT)
-            step = "rename a file in"
-            client.rename(written, renamed)
-            step = "delete a file in"
-            client.remove(renamed)
-    except FAILURES as error:
-        left = _remove_quietly(client, (written, renamed))
-        leftover = f"; remove the probe file {left} there by hand" if left else ""
-        return Finding("sftp folder", FAILED,
-                       f"cannot {step} {folder!r} on {where} ({reason(error)}); a sync needs to write, "
-                       f"rename and delete files there: give {settings.username} these permissions or fix "
-                       f"SFTP.FOLDERNAME{leftover}", EXIT_SFTP)
-    except BaseException:
-        _remove_quietly(client, (written, renamed))
-        raise
-    return Finding("sftp folder", OK,
-                   f"{folder!r} allows write, rename and delete (a probe file was written, renamed and "
-                   "removed)")
+    with _captured_warnings() as warnings:  # what the replacement noticed (e.g. a copying RENAME)
+        try:
+            with deferred():
+                with client.open(existing, "wxb") as probe:  # x: never over an existing file
+                    probe.write(PROBE_CONTENT)
+                step = "replace a file in"
+                session.upload(io.BytesIO(PROBE_CONTENT), name, len(PROBE_CONTENT))
+                step = "delete a file in"
+                client.remove(existing)
+        except (*FAILURES, SftpError) as error:
+            left = _remove_quietly(client, (existing,))
+            leftover = f"; remove the probe file {left} there by hand" if left else ""
+            cause = reason(error) if isinstance(error, FAILURES) else str(error)
+            return Finding("sftp folder", FAILED,
+                           f"cannot {step} {folder!r} on {where} ({cause}); a sync needs to write, rename "
+                           f"and delete files there: give {settings.username} these permissions or fix "
+                           f"SFTP.FOLDERNAME{leftover}", EXIT_SFTP, _server_details(session))
+        except BaseException:
+            _remove_quietly(client, (existing,))
+            raise
+    method = session.traits.rename_method or "rename"
+    outcome = WARNING if warnings or method == METHOD_DELETE_THEN_RENAME else OK
+    message = "; ".join([f"{folder!r} allows write, rename and delete (a probe file was written, replaced "
+                         f"and removed); files are replaced by {method}", *warnings])
+    return Finding("sftp folder", outcome, message, details=_server_details(session))
+
+
+def _server_details(session: SftpSession) -> dict:
+    """What the connection learnt about the server, for the JSON form."""
+    traits = session.traits
+    return {"server_software": traits.server_software, "sftp_version": traits.sftp_version,
+            "extensions": sorted(traits.extensions) if traits.extensions is not None else None,
+            "rename_method": traits.rename_method}
 
 
 def _remove_quietly(client: paramiko.SFTPClient, paths: tuple[str, ...]) -> str | None:

@@ -25,6 +25,7 @@ from broker_sftp_uploader.config import SftpSettings
 from broker_sftp_uploader.errors import SftpError
 from broker_sftp_uploader.interrupts import deferred
 from broker_sftp_uploader.state.journal import PartialsJournal
+from broker_sftp_uploader.sftp.paramiko_internals import open_sftp_channel
 from broker_sftp_uploader.sftp.session import FAILURES as _FAILURES
 from broker_sftp_uploader.sftp.session import ServerTraits, SftpSession
 from broker_sftp_uploader.sftp.session import reason as _reason
@@ -173,7 +174,7 @@ class SftpConnection:
                            banner_timeout=timeout, auth_timeout=timeout, channel_timeout=timeout,
                            allow_agent=False, look_for_keys=False, auth_strategy=login,
                            transport_factory=gcm_first_transport)
-            sftp = client.open_sftp()
+            sftp = open_sftp_channel(client.get_transport())
             sftp.get_channel().settimeout(settings.timeout)
         except paramiko.BadHostKeyException as error:
             client.close()
@@ -195,11 +196,14 @@ class SftpConnection:
             client.close()
             raise
         self._client = client
+        self.traits.server_software = client.get_transport().remote_version
         self._begin(sftp)
 
     def _begin(self, client: paramiko.SFTPClient) -> None:
         """Make ``client`` the main session, once the folder proved usable (else close and raise)."""
-        self._main = SftpSession(client, self.folder, self.where, journal=self.journal, traits=self.traits)
+        self.traits.learn_version_reply(client)
+        self._main = SftpSession(client, self.folder, self.where, journal=self.journal, traits=self.traits,
+                                 reopen=self._new_channel)
         try:
             client.stat(self.folder)
         except OSError as error:
@@ -232,11 +236,23 @@ class SftpConnection:
             raise SftpError(f"not connected to {self.where}")
         try:
             with deferred():
-                client = self._client.open_sftp()
-                client.get_channel().settimeout(self.settings.timeout)
+                client = self._new_channel()
         except _FAILURES as error:
             raise SftpError(f"cannot open another SFTP session on {self.where}: {_reason(error)}") from None
-        return SftpSession(client, self.folder, self.where, journal=self.journal, traits=self.traits, stop=stop)
+        return SftpSession(client, self.folder, self.where, journal=self.journal, traits=self.traits,
+                           stop=stop, reopen=self._new_channel)
+
+    def _new_channel(self) -> paramiko.SFTPClient:
+        """Another SFTP channel on the SSH connection, with the configured timeout.
+
+        :raises SftpError: not connected.
+        :raises OSError, EOFError, paramiko.SSHException: the server refused the channel.
+        """
+        if self._client is None:
+            raise SftpError(f"not connected to {self.where}")
+        client = open_sftp_channel(self._client.get_transport())
+        client.get_channel().settimeout(self.settings.timeout)
+        return client
 
     def upload(self, source: BinaryIO, name: str, size: int | None = None) -> int:
         """``SftpSession.upload`` on the main session."""

@@ -184,7 +184,15 @@ class OpensshConnection(SftpConnection):
             client = self._start_session(self.settings.timeout)
         except _ConnectFailure as failure:
             raise SftpError(f"cannot open another SFTP session on {self.where}: {failure.reason}") from None
-        return SftpSession(client, self.folder, self.where, journal=self.journal, traits=self.traits, stop=stop)
+        return SftpSession(client, self.folder, self.where, journal=self.journal, traits=self.traits,
+                           stop=stop, reopen=self._new_channel)
+
+    def _new_channel(self) -> paramiko.SFTPClient:
+        """Another SFTP session: another ``ssh`` child.
+
+        :raises SftpError: ssh could not log in again.
+        """
+        return self._start_session(self.settings.timeout)
 
     def close(self) -> None:
         """Close every session's ssh child and remove the askpass folder (idempotent)."""

@@ -1,7 +1,9 @@
 """Every use of paramiko's private API, in this one module: pipelined writes, exact status codes, SFTP
 over an ``ssh`` child's pipes.
 
-paramiko's public ``SFTPClient`` lacks two things the uploads need. Its exceptions keep only the
+paramiko's public ``SFTPClient`` lacks three things the uploads need. It forgets which extensions the
+server offered (``posix-rename@openssh.com`` must be sent only to a server that offers it: some answer
+an unknown extended request by closing the SFTP channel). Its exceptions keep only the
 server's text, which differs between servers for one status ("Operation unsupported" from OpenSSH,
 "Unsupported operation" from ProFTPD), so the status code itself is needed to tell an unsupported
 extension or an existing target from other refusals. And ``SFTPFile.write`` sends 32 KiB requests and
@@ -11,7 +13,10 @@ writes in flight. Both come from the reply hook that paramiko's own ``SFTPFile``
 * ``SFTPClient._async_request(reply, kind, *args)`` sends a request and files ``reply`` under its number;
 * ``SFTPClient._read_response()`` reads one reply and hands it to the object filed for its number, as
   ``reply._async_response(kind, message, number)``;
-* ``SFTPClient._convert_status(message)`` raises what paramiko raises for a status.
+* ``SFTPClient._convert_status(message)`` raises what paramiko raises for a status;
+* ``BaseSFTP._send_version()``, which ``SFTPClient.__init__`` calls for the INIT/VERSION exchange and
+  which drops the server's extension list: ``ExtensionAwareSftpClient`` overrides it, speaking the same
+  exchange with ``_send_packet(kind, message)`` and ``_read_packet()`` and keeping the list.
 
 The SFTP protocol's numbers (request kinds, status codes, ``int64``) come from ``paramiko.sftp``, which
 paramiko does not document, and a write needs an open file's ``SFTPFile.handle``. ``PipeChannel`` stands
@@ -32,21 +37,114 @@ import subprocess
 import paramiko
 from paramiko.sftp import (
     CMD_EXTENDED,
+    CMD_INIT,
     CMD_RENAME,
     CMD_STATUS,
+    CMD_VERSION,
     CMD_WRITE,
     SFTP_FAILURE,
+    SFTP_OK,
     SFTP_OP_UNSUPPORTED,
     int64,
 )
 
 # Status codes (SFTP v3 draft, section 7). FILE_ALREADY_EXISTS is from SFTP v5, which paramiko does not
 # name; ProFTPD answers it to a plain rename over an existing file.
+STATUS_OK = SFTP_OK
 STATUS_OP_UNSUPPORTED = SFTP_OP_UNSUPPORTED
 STATUS_FAILURE = SFTP_FAILURE
 STATUS_FILE_ALREADY_EXISTS = 11
 
 PIPE_SIZE = 1024 * 1024  # fewer, larger hand-overs between us and ssh
+SFTP_VERSION = 3  # the version paramiko speaks and asks for
+# A hostile server's VERSION reply cannot make us keep more than this many extensions (each one's name
+# and data are bounded by the packet, which paramiko reads whole).
+MAX_EXTENSIONS = 64
+POSIX_RENAME = "posix-rename@openssh.com"
+
+
+class ExtensionAwareSftpClient(paramiko.SFTPClient):
+    """An ``SFTPClient`` that keeps what the server's VERSION reply said: ``server_version`` and
+    ``server_extensions`` (name -> data, as sent; the first ``MAX_EXTENSIONS``)."""
+
+    server_version: int = SFTP_VERSION
+    server_extensions: dict[str, bytes]
+
+    def _send_version(self) -> int:
+        """paramiko's INIT/VERSION exchange, keeping the reply's extension list.
+
+        :returns: the server's SFTP version.
+        :raises paramiko.SFTPError: the server answered no VERSION.
+        """
+        init = paramiko.Message()
+        init.add_int(SFTP_VERSION)
+        self._send_packet(CMD_INIT, init)
+        kind, data = self._read_packet()
+        if kind != CMD_VERSION:
+            raise paramiko.SFTPError("Incompatible sftp protocol")
+        self.server_version, self.server_extensions = parse_version_reply(data)
+        return self.server_version
+
+
+def parse_version_reply(data: bytes) -> tuple[int, dict[str, bytes]]:
+    """Read an SFTP VERSION reply's body: ``uint32 version`` then pairs of strings (name, data).
+
+    A truncated pair ends the list (what came before it is kept); names are read as UTF-8 with
+    replacement, so a hostile name cannot raise.
+
+    :returns: the version and the extensions, name -> data.
+    :raises paramiko.SFTPError: the reply is shorter than a version number.
+    """
+    if len(data) < 4:
+        raise paramiko.SFTPError("Incompatible sftp protocol: a VERSION reply without a version")
+    version = int.from_bytes(data[:4], "big")
+    extensions: dict[str, bytes] = {}
+    offset = 4
+    while len(extensions) < MAX_EXTENSIONS:
+        fields = []
+        for _ in range(2):
+            if offset + 4 > len(data):
+                return version, extensions
+            length = int.from_bytes(data[offset:offset + 4], "big")
+            if offset + 4 + length > len(data):
+                return version, extensions
+            fields.append(data[offset + 4:offset + 4 + length])
+            offset += 4 + length
+        extensions[fields[0].decode("utf-8", "replace")] = fields[1]
+    return version, extensions
+
+
+def server_extensions(client: paramiko.SFTPClient) -> dict[str, bytes] | None:
+    """The extensions ``client``'s server offered in its VERSION reply; None when ``client`` did not
+    keep them (not an ``ExtensionAwareSftpClient``)."""
+    return client.server_extensions if isinstance(client, ExtensionAwareSftpClient) else None
+
+
+def server_version(client: paramiko.SFTPClient) -> int | None:
+    """The SFTP version ``client``'s server answered; None when ``client`` did not keep it."""
+    return client.server_version if isinstance(client, ExtensionAwareSftpClient) else None
+
+
+def open_sftp_channel(transport: paramiko.Transport) -> ExtensionAwareSftpClient:
+    """Open an SFTP channel on an authenticated ``transport`` (``SSHClient.open_sftp``'s work), keeping the
+    server's extension list.
+
+    :returns: the client, ready for requests.
+    :raises OSError, EOFError, paramiko.SSHException: the channel or the version exchange failed.
+    """
+    client = ExtensionAwareSftpClient.from_transport(transport)
+    if client is None:
+        raise paramiko.SSHException("the server refused an SFTP channel")
+    return client
+
+
+def channel_is_closed(client: paramiko.SFTPClient) -> bool:
+    """Whether the channel under ``client`` has ended (the server closed the SFTP subsystem, or it was
+    closed here); a ``PipeChannel`` counts as closed once its ``ssh`` child has ended."""
+    channel = client.get_channel()
+    if isinstance(channel, PipeChannel):
+        return channel.has_ended()
+    return bool(getattr(channel, "closed", False) or getattr(channel, "eof_received", False))
 
 
 class StatusReply:
@@ -124,10 +222,12 @@ def send_write(client: paramiko.SFTPClient, remote_file: paramiko.SFTPFile, offs
 def posix_rename(client: paramiko.SFTPClient, old: str, new: str) -> StatusReply:
     """Rename ``old`` to ``new`` with posix-rename@openssh.com, which replaces ``new`` in one step.
 
+    Send it only to a server that offers the extension: some close the SFTP channel on an unknown one.
+
     :returns: the arrived reply: ``STATUS_OP_UNSUPPORTED`` from a server without the extension.
     :raises OSError, EOFError, paramiko.SSHException: the exchange failed.
     """
-    return StatusReply.request(client, CMD_EXTENDED, "posix-rename@openssh.com", old, new)
+    return StatusReply.request(client, CMD_EXTENDED, POSIX_RENAME, old, new)
 
 
 def plain_rename(client: paramiko.SFTPClient, old: str, new: str) -> StatusReply:
@@ -182,6 +282,10 @@ class PipeChannel:
         """Whether ``recv`` would return at once."""
         return bool(select.select([self._in], [], [], 0)[0])
 
+    def has_ended(self) -> bool:
+        """Whether the ``ssh`` child has exited."""
+        return self._process.poll() is not None
+
     def close(self) -> None:
         """End the child: close its pipes, then wait briefly, then kill it."""
         for stream in (self._process.stdin, self._process.stdout):
@@ -200,4 +304,4 @@ def sftp_over_pipe(channel: PipeChannel) -> paramiko.SFTPClient:
     :returns: the client, ready for requests.
     :raises OSError, EOFError, paramiko.SSHException: the child ended or answered no SFTP.
     """
-    return paramiko.SFTPClient(channel)
+    return ExtensionAwareSftpClient(channel)

@@ -22,7 +22,7 @@ import socket
 import stat
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 import paramiko
@@ -30,13 +30,18 @@ import paramiko
 from broker_sftp_uploader.errors import SftpError
 from broker_sftp_uploader.interrupts import deferred
 from broker_sftp_uploader.sftp.paramiko_internals import (
+    POSIX_RENAME,
     STATUS_FAILURE,
     STATUS_FILE_ALREADY_EXISTS,
+    STATUS_OK,
     STATUS_OP_UNSUPPORTED,
     StatusReply,
+    channel_is_closed,
     plain_rename,
     posix_rename,
     send_write,
+    server_extensions,
+    server_version,
 )
 from broker_sftp_uploader.state.journal import PartialsJournal
 
@@ -45,6 +50,7 @@ logger = logging.getLogger(__name__)
 # OpenSSH's sftp-server takes messages of up to 256 KiB; a write's header needs a few dozen bytes.
 WRITE_SIZE = 255 * 1024
 MAX_IN_FLIGHT = 16  # writes sent and not yet acknowledged, at most: 4 MiB
+READ_WINDOW = 1024 * 1024  # bytes asked for at once when a file is read back (status --verify)
 # What a failed exchange raises: socket errors, timeouts and the server's refusals (OSError), protocol
 # errors (SSHException), a dropped connection (EOFError).
 FAILURES = (OSError, paramiko.SSHException, EOFError)
@@ -54,13 +60,54 @@ class TransferStopped(Exception):
     """The run is being interrupted: a worker's upload stops between two writes."""
 
 
-class ServerTraits:
-    """What one server does not support, learnt once per connection and shared by its sessions."""
+# How each rename method is named (``ServerTraits.rename_method``, check's "sftp folder" line).
+METHOD_POSIX_RENAME = "posix-rename"
+METHOD_RENAME_OVERWRITES = "rename (overwrites)"
+METHOD_DELETE_THEN_RENAME = ("rename refuses to overwrite: delete+rename fallback, a receiver may "
+                             "briefly see no file")
 
-    def __init__(self) -> None:
-        # Set once the server answered posix-rename@openssh.com with "operation unsupported": every
-        # session then replaces files without it instead of asking again for every upload.
-        self.posix_rename_unsupported = False
+
+class ServerTraits:
+    """What one server offers and how it renames, learnt once per connection and shared by its sessions.
+
+    The server's VERSION reply says which extensions it offers: posix-rename@openssh.com is sent only
+    when offered, as some servers close the SFTP channel on an extension they do not know. Without the
+    reply (an ``SFTPClient`` that did not keep it) posix-rename is tried once, and an "operation
+    unsupported" answer remembered. Whether a plain RENAME replaces an existing file is learnt from the
+    first plain RENAME onto an existing name.
+    """
+
+    def __init__(self, version: int | None = None, extensions: dict[str, bytes] | None = None) -> None:
+        self.lock = threading.Lock()
+        self.server_software: str | None = None  # the SSH banner's software, when the connection saw it
+        self.sftp_version = version
+        self.extensions = extensions  # None: not known
+        # True: use it; False: the server does not offer it (or answered "unsupported"); None: try it.
+        self.posix_rename: bool | None = None if extensions is None else POSIX_RENAME in extensions
+        self.rename_overwrites: bool | None = None  # None: no plain RENAME onto an existing name yet
+        self.reopened_channels = 0  # SFTP channels that closed under us and were opened again
+        self.copying_rename_seen = False  # a RENAME left its source behind (warned once)
+
+    @classmethod
+    def of(cls, client: paramiko.SFTPClient) -> ServerTraits:
+        """The traits ``client``'s VERSION reply tells (nothing learnt yet)."""
+        return cls(server_version(client), server_extensions(client))
+
+    def learn_version_reply(self, client: paramiko.SFTPClient) -> None:
+        """Take the version and extensions from the first channel of a connection."""
+        if self.extensions is None:
+            told = ServerTraits.of(client)
+            self.sftp_version, self.extensions, self.posix_rename = (told.sftp_version, told.extensions,
+                                                                     told.posix_rename)
+
+    @property
+    def rename_method(self) -> str | None:
+        """How a file is replaced on this server (``METHOD_…``); None while not yet known."""
+        if self.posix_rename:
+            return METHOD_POSIX_RENAME
+        if self.posix_rename is None or self.rename_overwrites is None:
+            return None
+        return METHOD_RENAME_OVERWRITES if self.rename_overwrites else METHOD_DELETE_THEN_RENAME
 
 
 class SftpSession:
@@ -68,13 +115,17 @@ class SftpSession:
 
     def __init__(self, client: paramiko.SFTPClient, folder: str, where: str, *,
                  journal: PartialsJournal | None = None, traits: ServerTraits | None = None,
-                 stop: threading.Event | None = None):
+                 stop: threading.Event | None = None,
+                 reopen: Callable[[], paramiko.SFTPClient] | None = None):
+        """``reopen`` opens another SFTP channel on the same SSH connection, for when this one is closed
+        under us (None: a closed channel stays closed)."""
         self.client = client
         self.folder = folder
         self.where = where
         self.journal = journal
-        self.traits = traits or ServerTraits()
+        self.traits = traits or ServerTraits.of(client)
         self.stop = stop
+        self.reopen = reopen
 
     def close(self) -> None:
         """Close the channel (idempotent)."""
@@ -112,7 +163,9 @@ class SftpSession:
                                 f"{written if size is None else size} bytes")
             with deferred():
                 self._rename_over(temp, final)
+                self._verify_rename(temp, name, written)
         except FAILURES as error:
+            self._reopen_if_closed(error)
             self._discard(temp_name)
             raise SftpError(f"upload of {name} to {self.where} failed: {reason(error)}") from None
         except BaseException:
@@ -173,8 +226,58 @@ class SftpSession:
                 logger.info("%s was already gone from %s", name, self.where)
             return False
         except FAILURES as error:
+            self._reopen_if_closed(error)
             raise SftpError(f"cannot delete {name} on {self.where}: {reason(error)}") from None
         return True
+
+    def _reopen_if_closed(self, error: BaseException) -> None:
+        """After a failed request: if the server closed this SFTP channel while the SSH connection lives,
+        open a new channel so that the session's next actions go on (counted in the traits)."""
+        if self.reopen is None or not channel_is_closed(self.client):
+            return
+        try:
+            with deferred():
+                client = self.reopen()
+        except (*FAILURES, SftpError):
+            return  # the connection itself is gone: the next action reports it
+        with deferred():
+            self.client.close()
+        self.client = client
+        with self.traits.lock:
+            self.traits.reopened_channels += 1
+        logger.warning("the server %s closed an SFTP channel (%s); opened a new one", self.where,
+                       reason(error))
+
+    def _verify_rename(self, temp: str, name: str, written: int) -> None:
+        """Check what the rename left: no ``temp``, and ``name`` holding the ``written`` bytes.
+
+        A ``temp`` still there (a server whose RENAME copies) is removed, with a warning once per
+        connection.
+
+        :raises SftpError: ``name`` is missing or has another size.
+        :raises OSError, EOFError, paramiko.SSHException: an exchange failed.
+        """
+        sftp = self.client
+        try:
+            sftp.lstat(temp)
+        except FileNotFoundError:
+            pass
+        else:
+            with self.traits.lock:
+                first, self.traits.copying_rename_seen = not self.traits.copying_rename_seen, True
+            if first:
+                logger.warning("the server %s left the temp name behind after a RENAME (it copies instead of "
+                               "moving): every upload's temp file is removed after its rename", self.where)
+            sftp.remove(temp)
+        try:
+            stored = sftp.stat(self._remote(name)).st_size
+        except FileNotFoundError:
+            stored = None
+        if stored != written:
+            found = "no file" if stored is None else f"{stored} bytes"
+            raise SftpError(f"upload of {name} to {self.where} failed: after the rename the server holds "
+                            f"{found} under {name}, not the {written} bytes written; the next run uploads it "
+                            "again")
 
     # How a plain rename refuses an existing target: OpenSSH answers FAILURE, ProFTPD (like SFTP v5+)
     # FILE_ALREADY_EXISTS.
@@ -193,22 +296,34 @@ class SftpSession:
         :raises SftpError: ``final`` was deleted, but the new file could not be renamed into place.
         """
         sftp = self.client
-        if not self.traits.posix_rename_unsupported:
+        traits = self.traits
+        if traits.posix_rename is not False:  # offered, or not known (then tried once per connection)
             reply = posix_rename(sftp, temp, final)
             if reply.status != STATUS_OP_UNSUPPORTED:
                 reply.raise_unless_ok(sftp)
+                traits.posix_rename = True
                 return
-            self.traits.posix_rename_unsupported = True
-            logger.info("%s does not support posix-rename@openssh.com: a file being replaced is deleted just "
-                        "before its new version is renamed into place", self.where)
+            traits.posix_rename = False
+            logger.info("%s does not support posix-rename@openssh.com", self.where)
+        # The first plain RENAME of a connection onto an existing name tells whether it replaces files.
+        learning = traits.rename_overwrites is None and self._exists(final)
         reply = plain_rename(sftp, temp, final)
-        if reply.status not in self._TARGET_EXISTS_STATUSES:
-            reply.raise_unless_ok(sftp)  # done, or refused for a reason that deleting final cannot fix
+        if reply.status == STATUS_OK:
+            if learning:
+                traits.rename_overwrites = True
             return
+        if reply.status not in self._TARGET_EXISTS_STATUSES or traits.rename_overwrites:
+            # refused for a reason that deleting final cannot fix (a server that replaces files did not
+            # refuse because final exists)
+            reply.raise_unless_ok(sftp)
         try:
             sftp.remove(final)
         except FileNotFoundError:
             reply.raise_unless_ok(sftp)  # no final, so the rename failed for another reason: report it
+        if traits.rename_overwrites is None:
+            traits.rename_overwrites = False
+            logger.info("%s refuses to rename onto an existing file: a file being replaced is deleted just "
+                        "before its new version is renamed into place", self.where)
         try:
             sftp.rename(temp, final)
         except FAILURES as error:
@@ -217,6 +332,18 @@ class SftpSession:
                             "(this server cannot replace a file in one step), but the new one could not be "
                             f"renamed into place ({reason(error)}); the next run uploads it again"
                             ) from None
+
+    def _exists(self, path: str) -> bool:
+        """Whether ``path`` exists on the server.
+
+        :raises OSError, EOFError, paramiko.SSHException: the server refused the question or the exchange
+            failed.
+        """
+        try:
+            self.client.lstat(path)
+        except FileNotFoundError:
+            return False
+        return True
 
     def list_sizes(self) -> dict[str, int]:
         """The folder's regular files, name -> size (hidden ones included).
@@ -230,6 +357,38 @@ class SftpSession:
             raise SftpError(f"cannot list {self.folder!r} on {self.where}: {reason(error)}") from None
         return {item.filename: item.st_size or 0 for item in listing
                 if item.st_mode is not None and stat.S_ISREG(item.st_mode)}
+
+    def read_chunks(self, name: str, size: int, window: int = READ_WINDOW) -> Iterator[bytes]:
+        """Yield the first ``size`` bytes of ``FOLDERNAME/name`` in order, ``window`` bytes at a time.
+
+        Each window is asked for at once (paramiko's ``readv``: 32 KiB reads, all in flight), so the
+        download is pipelined while memory stays at about one window whatever the file's size, and
+        nothing past ``size`` is read (a hostile server cannot make it read forever). Every window opens
+        the file anew: paramiko's readv may stop waiting for its last replies (a race in its prefetch
+        bookkeeping) and keeps what comes later in the file object, which thus goes with the window.
+
+        :raises SftpError: the file cannot be opened or read, or it ends before ``size`` bytes.
+        """
+        offset = 0
+        while offset < size:
+            length = min(window, size - offset)
+            with deferred():
+                data = self._read_window(name, offset, length)
+            if len(data) != length:
+                raise SftpError(f"{name} on {self.where} ended after {offset + len(data)} of {size} bytes")
+            offset += length
+            yield data
+
+    def _read_window(self, name: str, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes of ``FOLDERNAME/name`` from ``offset`` on, from a file opened for them.
+
+        :raises SftpError: the file cannot be opened or read.
+        """
+        try:
+            with self.client.open(self._remote(name), "rb") as remote:
+                return b"".join(remote.readv([(offset, length)]))
+        except FAILURES as error:
+            raise SftpError(f"cannot read {name} on {self.where}: {reason(error)}") from None
 
     def remove_leftover_parts(self) -> int:
         """Remove the partial uploads that the journal says an interrupted run left behind.

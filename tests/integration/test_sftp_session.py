@@ -21,7 +21,12 @@ from broker_sftp_uploader.config import SftpSettings
 from broker_sftp_uploader.errors import SftpError
 from broker_sftp_uploader.sftp.connection import SftpConnection
 from broker_sftp_uploader.sftp.paramiko_internals import PipeChannel
-from broker_sftp_uploader.sftp.session import MAX_IN_FLIGHT, WRITE_SIZE, SftpSession
+from broker_sftp_uploader.sftp.session import (
+    MAX_IN_FLIGHT,
+    METHOD_DELETE_THEN_RENAME,
+    WRITE_SIZE,
+    SftpSession,
+)
 from test_resources import sftp_server
 from test_resources.availability import require_server
 from test_resources.proftpd import ProftpdServer
@@ -113,13 +118,31 @@ def test_an_existing_file_is_replaced_by_one_posix_rename(folder):
     assert sorted(path.name for path in folder.iterdir()) == ["export_1.zip", "export_2.zip"]
     assert (folder / "export_1.zip").read_bytes() == b"new version"
     assert (sent.count(EXTENDED), sent.count(RENAME), sent.count(REMOVE)) == (2, 0, 0)
-    assert session.traits.posix_rename_unsupported is False
+    assert session.traits.posix_rename is True and "posix-rename@openssh.com" in session.traits.extensions
+    assert session.traits.rename_method == "posix-rename"
 
 
-def test_a_refused_posix_rename_keeps_the_previous_file_and_removes_the_temp_file(folder):
-    """The server refuses posix-rename (here: denied by policy), so nothing is renamed or deleted."""
+def test_posix_rename_is_not_sent_to_a_server_that_does_not_offer_it(folder):
+    """sftp-server -P posix-rename leaves it out of its VERSION reply: plain RENAME, refused over an
+    existing file, so the previous file is deleted first; learnt once, with no request of its own."""
     (folder / "export_1.zip").write_bytes(b"previous")
-    with sftp_server.sftp_client(folder, "-P", "posix-rename") as client:
+    with sftp_server.sftp_client(folder, "-P", "posix-rename", channel_class=CountingChannel) as client:
+        session = SftpSession(client, ".", "sftp-server")
+        assert session.traits.posix_rename is False and session.traits.rename_method is None
+        session.upload(io.BytesIO(b"new version"), "export_1.zip")
+        assert session.traits.rename_method == METHOD_DELETE_THEN_RENAME
+        session.upload(io.BytesIO(b"newer version"), "export_1.zip")
+        session.upload(io.BytesIO(b"a new file"), "export_2.zip")
+        sent = client.get_channel().sent.types
+    assert sorted(path.name for path in folder.iterdir()) == ["export_1.zip", "export_2.zip"]
+    assert (folder / "export_1.zip").read_bytes() == b"newer version"
+    assert (sent.count(EXTENDED), sent.count(RENAME), sent.count(REMOVE)) == (0, 5, 2)
+
+
+def test_a_refused_rename_keeps_the_previous_file_and_removes_the_temp_file(folder):
+    """The server refuses renames (here: denied by policy), so nothing is renamed or deleted."""
+    (folder / "export_1.zip").write_bytes(b"previous")
+    with sftp_server.sftp_client(folder, "-P", "posix-rename,rename") as client:
         session = SftpSession(client, ".", "sftp-server")
         refusal = "^upload of export_1.zip to sftp-server failed: Permission denied$"
         with pytest.raises(SftpError, match=refusal):
@@ -152,15 +175,16 @@ def test_without_posix_rename_a_previous_file_is_deleted_then_the_new_one_rename
 
     with SftpConnection(settings) as connection:
         connection.upload(io.BytesIO(b"a new file"), "export_2.zip")  # plain rename: no previous file
-        assert connection.traits.posix_rename_unsupported is True
+        assert connection.traits.posix_rename is False  # not offered in the VERSION reply
         connection.upload(io.BytesIO(b"new version"), "export_1.zip")  # refused; delete, then rename
         worker = connection.open_session()
         try:
-            worker.upload(io.BytesIO(b"newer version"), "export_1.zip")  # learnt: not asked again
+            worker.upload(io.BytesIO(b"newer version"), "export_1.zip")
         finally:
             worker.close()
 
     assert sorted(path.name for path in local.iterdir()) == ["export_1.zip", "export_2.zip"]
     assert (local / "export_1.zip").read_bytes() == b"newer version"
     assert (local / "export_2.zip").read_bytes() == b"a new file"
-    assert server.log_text().count(REJECTED_POSIX_RENAME) == rejected_before + 1
+    # not offered in ProFTPD's VERSION reply, so never asked for
+    assert server.log_text().count(REJECTED_POSIX_RENAME) == rejected_before

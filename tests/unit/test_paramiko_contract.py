@@ -39,13 +39,17 @@ def is_private(name: str) -> bool:
 # --- the names used, and their shape ------------------------------------------------------------------------
 
 # paramiko.sftp's names and the values they have in the SFTP protocol (draft-ietf-secsh-filexfer-02).
-PROTOCOL_NUMBERS = {"CMD_WRITE": 6, "CMD_RENAME": 18, "CMD_STATUS": 101, "CMD_EXTENDED": 200,
-                    "SFTP_FAILURE": 4, "SFTP_OP_UNSUPPORTED": 8}
+PROTOCOL_NUMBERS = {"CMD_INIT": 1, "CMD_VERSION": 2, "CMD_WRITE": 6, "CMD_RENAME": 18, "CMD_STATUS": 101,
+                    "CMD_EXTENDED": 200, "SFTP_OK": 0, "SFTP_FAILURE": 4, "SFTP_OP_UNSUPPORTED": 8}
 # SFTPClient's private methods that paramiko_internals calls, with the parameters it passes.
 PRIVATE_METHODS = {
     "_async_request": ["self", "fileobj", "t", "*args"],  # (reply object, request kind, its arguments)
     "_read_response": ["self", "waitfor=None"],  # called without arguments: read one reply
     "_convert_status": ["self", "msg"],  # a status message: raise, or nothing for OK
+    # ExtensionAwareSftpClient overrides _send_version and speaks the exchange with these two
+    "_send_version": ["self"],
+    "_send_packet": ["self", "t", "packet"],
+    "_read_packet": ["self"],
 }
 
 
@@ -87,6 +91,21 @@ def test_replies_are_handed_to_the_hook_of_the_object_filed_with_the_request():
              if isinstance(call.func, ast.Attribute) and call.func.attr == "_async_response"]
     assert [len(call.args) for call in hooks] == [3], changed(
         "SFTPClient._read_response no longer calls fileobj._async_response(t, msg, num)")
+
+
+def test_the_client_asks_for_the_version_through_the_overridden_method():
+    """SFTPClient.__init__ calls self._send_version(), which ExtensionAwareSftpClient replaces, and
+    from_transport builds the class it is called on."""
+    version_calls = [call for call in calls_in(paramiko.SFTPClient.__init__)
+                     if ast.unparse(call.func) == "self._send_version" and not call.args]
+    assert len(version_calls) == 1, changed("SFTPClient.__init__ no longer calls self._send_version()")
+    builds = [call for call in calls_in(paramiko.SFTPClient.from_transport)
+              if ast.unparse(call.func) == "cls"]
+    assert len(builds) == 1, changed("SFTPClient.from_transport no longer builds cls(channel)")
+    # channel_is_closed reads a Channel's closed and eof_received, which paramiko sets in Channel.__init__
+    channel_setup = inspect.getsource(paramiko.Channel.__init__)
+    assert "self.closed =" in channel_setup and "self.eof_received =" in channel_setup, changed(
+        "paramiko.Channel no longer has closed and eof_received")
 
 
 def channel_methods_called_by_paramiko() -> set[str]:
@@ -173,6 +192,46 @@ def test_status_codes_and_the_errors_paramiko_raises_for_them(tmp_path):
         refused = posix_rename(client, "old", "other")
         with pytest.raises(PermissionError):
             refused.raise_unless_ok(client)
+
+
+def test_the_version_reply_keeps_the_servers_extensions(tmp_path):
+    from broker_sftp_uploader.sftp.paramiko_internals import (
+        ExtensionAwareSftpClient,
+        channel_is_closed,
+        server_extensions,
+        server_version,
+    )
+
+    with sftp_server.sftp_client(tmp_path) as client:
+        assert isinstance(client, ExtensionAwareSftpClient)
+        assert server_version(client) == 3
+        assert server_extensions(client)["posix-rename@openssh.com"] == b"1"
+        assert client.listdir(".") == []  # the exchange left the session usable
+        assert not channel_is_closed(client)
+        process = client.get_channel()._process
+        process.kill()
+        process.wait()
+        assert channel_is_closed(client)
+    with sftp_server.sftp_client(tmp_path, "-P", "posix-rename") as client:  # denied: left out of the list
+        assert "posix-rename@openssh.com" not in server_extensions(client)
+        assert "hardlink@openssh.com" in server_extensions(client)
+
+
+def version_reply(*pairs: bytes, version: int = 3) -> bytes:
+    return version.to_bytes(4, "big") + b"".join(len(part).to_bytes(4, "big") + part for part in pairs)
+
+
+def test_a_hostile_version_reply_cannot_raise_or_grow_without_bound():
+    from broker_sftp_uploader.sftp.paramiko_internals import MAX_EXTENSIONS, parse_version_reply
+
+    assert parse_version_reply(version_reply(b"a@x", b"1", b"b@x", b"2")) == (3, {"a@x": b"1", "b@x": b"2"})
+    truncated = version_reply(b"a@x", b"1") + (1000).to_bytes(4, "big") + b"short"
+    assert parse_version_reply(truncated) == (3, {"a@x": b"1"})
+    assert parse_version_reply(version_reply(b"\xff\xfe", b"")) == (3, {"\ufffd\ufffd": b""})
+    many = version_reply(*(part for number in range(1000) for part in (f"e{number}".encode(), b"")))
+    assert len(parse_version_reply(many)[1]) == MAX_EXTENSIONS
+    with pytest.raises(paramiko.SFTPError):
+        parse_version_reply(b"\x00\x00")
 
 
 def test_a_reply_that_is_not_a_status_is_refused(tmp_path):

@@ -1,0 +1,192 @@
+"""`sync` and `check` through the CLI against SFTP servers that are not OpenSSH: rclone's (``rclone serve
+sftp``, Debian), and our own misbehaving server (``test_resources/odd_sftp_server.py``, on asyncssh's
+server side), told to close the SFTP channel on an unknown extension, to copy on RENAME, to refuse or
+to allow a RENAME onto an existing name, or to truncate the file it renames. None of the latter offers
+posix-rename@openssh.com.
+
+The whole story runs on each: a first sync, a changed request replaced, a deleted one removed, an idle
+rerun, and `check`, which must name the rename method a sync uses there.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from broker_sftp_uploader.config import SftpSettings
+from broker_sftp_uploader.errors import SftpError
+from broker_sftp_uploader.sftp.connection import SftpConnection
+from broker_sftp_uploader.sftp.paramiko_internals import StatusReply
+from broker_sftp_uploader.sftp.session import (
+    METHOD_DELETE_THEN_RENAME,
+    METHOD_POSIX_RENAME,
+    METHOD_RENAME_OVERWRITES,
+)
+from test_resources import broker_actors as actors
+from test_resources.availability import require_server
+from test_resources.broker_actors import NODE2_KEY
+from test_resources.odd_sftp_server import OddSftpServer
+from test_resources.rclone_sftp import RcloneSftpServer
+from tests.conftest import Workspace, make_workspace
+from tests.integration.test_other_sftp_servers import assert_delivered, completions, snapshot
+
+COPYING_WARNING = "left the temp name behind after a RENAME (it copies instead of moving)"
+# What a sync uses on each behaviour to replace a file, as check names it.
+METHODS = {"close-on-unknown-extension": METHOD_DELETE_THEN_RENAME,
+           "refusing-rename": METHOD_DELETE_THEN_RENAME,
+           "copying-rename": METHOD_RENAME_OVERWRITES,
+           "overwriting-rename": METHOD_RENAME_OVERWRITES}
+
+
+def started(server_class, *arguments: str):
+    require_server(server_class)
+    base = Path(tempfile.mkdtemp(prefix="bsu-other-sftp-"))
+    try:
+        with server_class(base, *arguments) as server:
+            yield server
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", params=list(METHODS))
+def odd_server(request):
+    """Our server with one of the behaviours a sync must cope with."""
+    yield from started(OddSftpServer, request.param)
+
+
+@pytest.fixture(scope="module")
+def rclone():
+    yield from started(RcloneSftpServer)
+
+
+@pytest.fixture
+def odd_workspace(tmp_path, odd_server, broker, request) -> Workspace:
+    return make_workspace(tmp_path, broker, odd_server, odd_server.username, odd_server.password,
+                          odd_server.folder, request.node.name)
+
+
+def settings_for(server: OddSftpServer, folder: str, tmp_path: Path) -> SftpSettings:
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(f"[{server.host}]:{server.port} {server.host_public_key_line}\n")
+    return SftpSettings(host=server.host, port=server.port, username=server.username,
+                        password=server.password, timeout=10, folder=folder, known_hosts=known_hosts)
+
+
+def warnings_in(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines()
+            if line.startswith("WARNING") and "first connection" not in line]
+
+
+def test_the_sync_story_and_check_on_each_behaviour(odd_server, broker, odd_workspace):
+    behaviour = odd_server.behaviour
+    sync_story(odd_workspace, broker, METHODS[behaviour], "SSH-2.0-AsyncSSH_",
+               copying=behaviour == "copying-rename")
+    # Not offered, so never asked for: on the first server it would have closed the channel.
+    assert not [request for request in odd_server.requests("EXTENDED") if "posix-rename" in request]
+
+
+def test_the_sync_story_and_check_on_rclone(rclone, broker, tmp_path, request):
+    workspace = make_workspace(tmp_path, broker, rclone, rclone.username, rclone.password, rclone.folder,
+                               request.node.name)
+    sync_story(workspace, broker, METHOD_POSIX_RENAME, "SSH-2.0-rclone", copying=False)
+
+
+def sync_story(workspace: Workspace, broker, method: str, software: str, *, copying: bool) -> None:
+    """First sync, check, a changed request replaced, a deleted one removed, an idle rerun: each as on
+    OpenSSH; ``method`` is the rename method check must name, ``software`` the start of the server's
+    banner; ``copying``: the server's RENAME copies (one warning per run that uploads)."""
+    # Once per run, where the server's RENAME copies: the runs that upload.
+    expected_warnings = 1 if copying else 0
+    first, second, third = (actors.publish_completed(broker.url) for _ in range(3))
+
+    result = workspace.sync()
+    assert (result.returncode, result.stdout) == (0, ""), result.stderr
+    assert len(warnings_in(result.stderr)) == expected_warnings, result.stderr
+    assert (COPYING_WARNING in result.stderr) is copying
+    assert_delivered(workspace, broker, [first, second, third])  # exactly these names: no partial file
+
+    before = snapshot(workspace.remote)
+    checked = workspace.run("check", "-c", str(workspace.config_path), "--json")
+    document = json.loads(checked.stdout)
+    folder = next(check for check in document["checks"] if check["name"] == "sftp folder")
+    assert f"files are replaced by {method}" in folder["message"], folder
+    warned = copying or method == METHOD_DELETE_THEN_RENAME
+    assert (folder["status"], checked.returncode) == ("warning" if warned else "ok", 0), document
+    assert (COPYING_WARNING in folder["message"]) is copying
+    details = folder["details"]
+    assert details["server_software"].startswith(software)
+    assert details["sftp_version"] == 3 and details["rename_method"] == method
+    assert ("posix-rename@openssh.com" in details["extensions"]) is (method == METHOD_POSIX_RENAME)
+    assert "statvfs@openssh.com" in details["extensions"]
+    assert snapshot(workspace.remote) == before  # check leaves nothing behind
+
+    actors.post_status(broker.url, NODE2_KEY, first, "retrieved")  # completion 1.0 -> 0.5: same name
+    replaced = (workspace.remote / f"export_{first}.zip").read_bytes()
+    result = workspace.sync()
+    assert (result.returncode, result.stdout) == (0, ""), result.stderr
+    assert len(warnings_in(result.stderr)) == expected_warnings, result.stderr
+    assert completions(workspace) == {first: "0.5", second: "1.0", third: "1.0"}
+    assert_delivered(workspace, broker, [first, second, third])
+    assert (workspace.remote / f"export_{first}.zip").read_bytes() != replaced
+
+    actors.delete_request(broker.url, second)
+    result = workspace.sync()
+    assert (result.returncode, result.stdout) == (0, ""), result.stderr
+    assert len(warnings_in(result.stderr)) == expected_warnings, result.stderr
+    assert_delivered(workspace, broker, [first, third])
+
+    before, ledger = snapshot(workspace.remote), workspace.ledger.read_bytes()
+    result = workspace.sync()
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    assert snapshot(workspace.remote) == before
+    assert workspace.ledger.read_bytes() == ledger
+
+
+@pytest.mark.parametrize("odd_server", ["close-on-unknown-extension"], indirect=True)
+def test_a_channel_the_server_closes_is_opened_again_and_the_work_goes_on(odd_server, tmp_path):
+    folder = odd_server.folder("reopen")
+    settings = settings_for(odd_server, "reopen", tmp_path)
+    with SftpConnection(settings) as connection:
+        reply = StatusReply.request(connection.main.client, 200, "no-such-extension@example.com")
+        assert reply.status == 5  # SSH_FX_BAD_MESSAGE, and the server closes the channel
+        with pytest.raises(SftpError, match="^upload of export_1.zip to .* failed: "):
+            connection.upload(io.BytesIO(b"first try"), "export_1.zip")
+        assert connection.traits.reopened_channels == 1
+        connection.upload(io.BytesIO(b"on the new channel"), "export_1.zip")
+        connection.upload(io.BytesIO(b"replaced"), "export_1.zip")
+    assert sorted(path.name for path in folder.iterdir()) == ["export_1.zip"]
+    assert (folder / "export_1.zip").read_bytes() == b"replaced"
+    assert "REQUEST EXTENDED unknown: answered Bad message, channel closed" in odd_server.log_text()
+
+
+@pytest.mark.parametrize("odd_server", ["truncating-rename"], indirect=True)
+def test_a_rename_that_loses_bytes_fails_the_upload(odd_server, tmp_path):
+    """The final name must hold the bytes written: what a broken server stored is not a delivery."""
+    odd_server.folder("short")
+    settings = settings_for(odd_server, "short", tmp_path)
+    with SftpConnection(settings) as connection:
+        refusal = (r"^upload of export_1\.zip to .* failed: after the rename the server holds 9 bytes under "
+                   r"export_1\.zip, not the 10 bytes written")
+        with pytest.raises(SftpError, match=refusal):
+            connection.upload(io.BytesIO(b"0123456789"), "export_1.zip")
+
+
+@pytest.mark.parametrize("odd_server", ["truncating-rename"], indirect=True)
+def test_a_sync_on_a_server_that_loses_bytes_fails_and_records_nothing(odd_server, broker, odd_workspace):
+    workspace = odd_workspace
+    actors.publish_completed(broker.url)
+    result = workspace.sync()
+    assert result.returncode == 14, result.stderr
+    assert "after the rename the server holds" in result.stderr
+    assert not workspace.ledger.exists() or completions(workspace) == {}  # nothing recorded
+
+    checked = workspace.run("check", "-c", str(workspace.config_path), "--json")
+    folder = next(check for check in json.loads(checked.stdout)["checks"] if check["name"] == "sftp folder")
+    assert (checked.returncode, folder["status"]) == (14, "failed"), folder
+    assert "after the rename the server holds" in folder["message"]
+
