@@ -31,6 +31,7 @@ from broker_sftp_uploader.errors import (
     EXIT_KEY,
     EXIT_LEDGER,
     EXIT_LOCKED,
+    EXIT_NOT_PROVEN,
     EXIT_OK,
     EXIT_OUTPUT,
     EXIT_PARTIAL,
@@ -50,7 +51,7 @@ COMMAND_EXIT_CODES: dict[str, tuple[int, ...]] = {
     "check": (EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_CONFIG, EXIT_KEY, EXIT_BROKER, EXIT_SFTP,
               EXIT_LEDGER, EXIT_INTERRUPTED),
     "status": (EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_CONFIG, EXIT_KEY, EXIT_BROKER, EXIT_SFTP,
-               EXIT_LEDGER, EXIT_INTERRUPTED),
+               EXIT_LEDGER, EXIT_NOT_PROVEN, EXIT_INTERRUPTED),
     # keygen and fingerprint are over in milliseconds: no signal handling, so no 130 worth naming.
     "keygen": (EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_KEY),
     "fingerprint": (EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_KEY),
@@ -176,6 +177,9 @@ _config_option = click.option(
               help="Re-send exactly this request, whatever the ledger says, and nothing else (repeatable).")
 @click.option("--repair", is_flag=True,
               help="First re-upload every file that is missing or damaged on the server, then sync as usual.")
+@click.option("--verify", is_flag=True,
+              help="With --repair: damaged includes failing the Fernet check of `status --remote --verify` "
+                   "(every live file is read back).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the run's report as one JSON object on stdout (as in WORKING_DIR/last-run.json).")
 @click.option("--progress/--no-progress", default=None,
@@ -185,7 +189,7 @@ _config_option = click.option(
 @_verbose_option
 @_reports_errors
 def sync(config_path: Path, dry_run: bool, allow_deletes: bool, requests: tuple[str, ...], repair: bool,
-         as_json: bool, progress: bool | None, log_file: Path | None, verbose: int) -> None:
+         verify: bool, as_json: bool, progress: bool | None, log_file: Path | None, verbose: int) -> None:
     """Upload new and changed results, delete vanished ones, and record it all in the ledger.
 
     Quiet on success when not on a terminal; meant to run from cron. Every run leaves its report
@@ -198,6 +202,8 @@ def sync(config_path: Path, dry_run: bool, allow_deletes: bool, requests: tuple[
         raise click.BadParameter(f"not a request id: {bad[0]!r}", param_hint="--request")
     if requests and repair:
         raise click.UsageError("use either --request or --repair, not both")
+    if verify and not repair:
+        raise click.UsageError("--verify is an option of --repair: use `sync --repair --verify`")
     config = load_config(config_path)
     if log_file or config.log_file:
         _add_log_file(log_file or config.log_file)
@@ -205,7 +211,8 @@ def sync(config_path: Path, dry_run: bool, allow_deletes: bool, requests: tuple[
     line = Progress(sys.stderr if shown and not dry_run else None)
     stderr_handler.progress = line
     options = SyncOptions(dry_run=dry_run, allow_deletes=allow_deletes,
-                          requests=tuple(str(int(request_id)) for request_id in requests), repair=repair)
+                          requests=tuple(str(int(request_id)) for request_id in requests), repair=repair,
+                          verify=verify)
     try:
         outcome = execute_sync(config, options, show=partial(click.echo, err=as_json), progress=line)
     finally:
@@ -288,11 +295,12 @@ STATUS_EPILOG = """\b
 Examples:
   broker-sftp-uploader status -c /etc/aktin/sftp-upload.toml
   broker-sftp-uploader status -c /etc/aktin/sftp-upload.toml --remote
+  broker-sftp-uploader status -c /etc/aktin/sftp-upload.toml --remote --verify   # read every file back
   broker-sftp-uploader status -c /etc/aktin/sftp-upload.toml --json | jq '.requests[0]'
 
 """ + _exit_codes_help("status", {
-    EXIT_OK: "shown (also when --remote found missing or damaged files)",
-    EXIT_KEY: "(--remote) SSH private key missing or invalid",
+    EXIT_OK: "shown (also when --remote without --verify found missing or damaged files)",
+    EXIT_KEY: "(--remote) SSH private key missing or invalid; (--verify) Fernet key file missing or invalid",
     EXIT_BROKER: "(--remote) broker unreachable or failing",
     EXIT_SFTP: "(--remote) SFTP login or folder listing failed",
     EXIT_LEDGER: "ledger unreadable",
@@ -305,9 +313,12 @@ Examples:
 @click.option("--remote", is_flag=True,
               help="Also show what the next run would do (asks the broker) and which files on the server are "
                    "missing, of the wrong size or not in the ledger (lists FOLDERNAME).")
+@click.option("--verify", is_flag=True,
+              help="With --remote: also read every live file back and check its Fernet token with the key "
+                   "file (HMAC, format, key, timestamp), writing nothing; exit 17 unless all are proven.")
 @_verbose_option
 @_reports_errors
-def status(config_path: Path, as_json: bool, remote: bool, verbose: int) -> None:
+def status(config_path: Path, as_json: bool, remote: bool, verify: bool, verbose: int) -> None:
     """Show the ledger, newest first: each request's completion, remote file, and when it was uploaded,
     updated and deleted. Read-only; works while a sync runs.
     """
@@ -315,12 +326,15 @@ def status(config_path: Path, as_json: bool, remote: bool, verbose: int) -> None
     interrupts.install()
     from broker_sftp_uploader.commands.status import build_status
 
-    view = build_status(load_config(config_path), remote=remote)
+    if verify and not remote:
+        raise click.UsageError("--verify checks the server's files: use it with --remote")
+    view = build_status(load_config(config_path), remote=remote, verify=verify)
     if as_json:
         click.echo(json.dumps(view.document(), indent=2))
     else:
         for line in view.lines():
             click.echo(line)
+    sys.exit(view.exit_code)
 
 
 KEYGEN_EPILOG = _exit_codes_help("keygen", {EXIT_OK: "key written",

@@ -19,6 +19,7 @@ EXIT_BROKER = 13
 EXIT_SFTP = 14
 EXIT_LEDGER = 15
 EXIT_OUTPUT = 16  # decrypt: the output file exists (no --force), is the input, or cannot be written
+EXIT_NOT_PROVEN = 17  # status --verify: a live file is missing, of the wrong size, or fails its Fernet check
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a program stopped by Ctrl-C
 
 
@@ -52,6 +53,9 @@ EXIT_CODES: dict[int, ExitCode] = {exit_code.code: exit_code for exit_code in (
     ExitCode(EXIT_LEDGER, "ledger", "ledger (status.xml) unreadable or unwritable"),
     ExitCode(EXIT_OUTPUT, "output file",
              "an output file exists (pass --force to replace it), is its own input, or cannot be written"),
+    ExitCode(EXIT_NOT_PROVEN, "delivery not proven",
+             "--verify: a live request's file on the server is missing, has the wrong size, or fails the "
+             "Fernet check (tampered, truncated, another key, a timestamp in the future)"),
     ExitCode(EXIT_INTERRUPTED, "interrupted", "interrupted (Ctrl-C, SIGTERM)"),
 )}
 

@@ -24,6 +24,16 @@ newest first; null for what the ledger does not hold; timestamps exactly as in t
                 "unowned": ["notes.txt"]}
 
 ``expected`` is null when the ledger recorded no size and the file is not even a possible Fernet token.
+With ``--verify`` (see ``engine/audit.py``) ``remote`` also has::
+
+     "verify": {"checked": 3, "verified": 1,
+                "failed": [{"request_id": "3", "file": "export_3.zip", "problem": "no_key",
+                            "detail": "…", "key": null}, ...]}
+
+``problem`` is one of malformed, no_key, bad_padding, other_key (``key``: the fingerprint of the key
+file's key that verifies it), future, unreadable. ``exit_code`` says whether delivery is proven: with
+``--verify``, 17 (``EXIT_NOT_PROVEN``) when a live request's file is missing, has the wrong size or fails
+the check, else 0.
 """
 
 from __future__ import annotations
@@ -34,8 +44,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker_sftp_uploader.config import Config
+from broker_sftp_uploader.concurrency import Cancellation
+from broker_sftp_uploader.crypto import load_keys
+from broker_sftp_uploader.errors import EXIT_NOT_PROVEN, EXIT_OK, SftpError
 from broker_sftp_uploader.state.ledger import Ledger, LedgerEntry
-from broker_sftp_uploader.engine.audit import RemoteComparison, compare_remote
+from broker_sftp_uploader.engine.audit import (DeliveryProof, RemoteComparison, compare_remote,
+                                               files_to_prove, prove_delivery)
 from broker_sftp_uploader.engine.plan import (Delete, DeletionGuard, Plan, Upload, fetch_completions,
                                               list_requests, plan_sync)
 
@@ -55,6 +69,7 @@ class RemoteView:
     folder: str
     files: int
     comparison: RemoteComparison
+    proof: DeliveryProof | None = None  # with --verify
 
 
 @dataclass(frozen=True)
@@ -68,6 +83,16 @@ class StatusView:
     def totals(self) -> dict[str, int]:
         deleted = sum(1 for entry in self.entries if entry.is_deleted)
         return {"requests": len(self.entries), "live": len(self.entries) - deleted, "deleted": deleted}
+
+    @property
+    def exit_code(self) -> int:
+        """17 when ``--verify`` found a live request's file missing, of the wrong size or failing the
+        Fernet check; else 0 (``--remote`` alone only reports)."""
+        remote = self.remote
+        if remote is None or remote.proof is None:
+            return EXIT_OK
+        proven = not (remote.comparison.missing or remote.comparison.wrong_size or remote.proof.failed)
+        return EXIT_OK if proven else EXIT_NOT_PROVEN
 
     def document(self) -> dict:
         """The JSON form (see the module's docstring)."""
@@ -111,25 +136,29 @@ def newest_first(entries: Mapping[str, LedgerEntry]) -> tuple[LedgerEntry, ...]:
     return tuple(sorted(entries.values(), key=latest, reverse=True))
 
 
-def build_status(config: Config, remote: bool = False) -> StatusView:
-    """Read the ledger and, with ``remote``, ask the broker and the SFTP server; change nothing.
+def build_status(config: Config, remote: bool = False, verify: bool = False) -> StatusView:
+    """Read the ledger and, with ``remote``, ask the broker and the SFTP server; with ``verify`` too, read
+    back every live file and check its Fernet token (``engine/audit.py``); change nothing.
 
     :raises LedgerError: the ledger cannot be read.
     :raises BrokerError: (``remote``) the broker failed.
-    :raises KeyFileError, SftpError: (``remote``) the SSH key, login or folder listing failed.
+    :raises KeyFileError, SftpError: (``remote``) the SSH key, login or folder listing failed; (``verify``)
+        the Fernet key file cannot be read, or no SFTP session could be opened to read the files.
     """
     entries = Ledger.load(config.ledger_path).entries()
-    view = _remote_view(config, entries) if remote else None
+    view = _remote_view(config, entries, verify) if remote or verify else None
     return StatusView(config.ledger_path, newest_first(entries), view)
 
 
-def _remote_view(config: Config, entries: Mapping[str, LedgerEntry]) -> RemoteView:
+def _remote_view(config: Config, entries: Mapping[str, LedgerEntry], verify: bool) -> RemoteView:
     # paramiko is imported only by a status that connects
     from broker_sftp_uploader.sftp.readonly_login import sftp_without_recording
     from broker_sftp_uploader.broker.client import broker_client
+    from broker_sftp_uploader.sftp.session import SftpSession
 
     deadline = config.run_deadline()
     tag = config.broker.tag
+    keys = load_keys(config.key_path) if verify else []  # a bad key file fails before any connection
     with broker_client(config, deadline) as broker:
         listing = fetch_completions(broker, list_requests(broker, tag), config.broker.concurrency)
     plan = plan_sync(listing, entries, DeletionGuard(config.max_delete_percent, config.max_delete_count))
@@ -141,7 +170,23 @@ def _remote_view(config: Config, entries: Mapping[str, LedgerEntry]) -> RemoteVi
                            "the next sync will", config.sftp.host, config.sftp.port,
                            ", ".join(visit.new_host_keys), config.sftp.known_hosts)
         files = visit.folder_session().list_sizes()
-    return RemoteView(tag, len(listing), plan, config.sftp.folder, len(files), compare_remote(entries, files))
+        proof = None
+        if verify:
+            connection, folder = visit.connection, config.sftp.folder
+
+            def open_session() -> SftpSession:
+                session = connection.open_session()
+                session.folder = folder  # the visit's connection opens nothing in FOLDERNAME itself
+                return session
+
+            proof = prove_delivery(keys, files_to_prove(entries, files), open_session,
+                                   config.sftp.parallel_uploads, Cancellation(deadline, _out_of_time))
+    return RemoteView(tag, len(listing), plan, config.sftp.folder, len(files), compare_remote(entries, files),
+                      proof)
+
+
+def _out_of_time() -> BaseException:
+    return SftpError("status --verify ran out of time (MISC.RUN_TIMEOUT) before every file was read back")
 
 
 def _plan_item(action: Upload | Delete, refused: bool) -> dict:
@@ -166,7 +211,12 @@ def _remote_document(remote: RemoteView) -> dict:
             "wrong_size": [{"request_id": wrong.request_id, "file": wrong.file_name, "size": wrong.size,
                             "expected": wrong.expected} for wrong in comparison.wrong_size],
             "unowned": list(comparison.unowned),
-        },
+        } | ({} if remote.proof is None else {"verify": {
+            "checked": remote.proof.checked,
+            "verified": remote.proof.verified,
+            "failed": [{"request_id": failed.request_id, "file": failed.file_name, "problem": failed.problem,
+                        "detail": failed.detail, "key": failed.key} for failed in remote.proof.failed],
+        }}),
     }
 
 
@@ -189,6 +239,19 @@ def _remote_lines(remote: RemoteView) -> list[str]:
         lines.append(f"  {len(comparison.needs_repair)} file(s) to upload again: run `sync --repair`")
     if comparison.clean:
         lines.append("  every live request's file is there with the right size, and nothing else")
+    if remote.proof is not None:
+        lines += _proof_lines(remote.proof)
+    return lines
+
+
+def _proof_lines(proof: DeliveryProof) -> list[str]:
+    lines = ["", f"Fernet check of the {proof.checked} live file(s) on the server:"]
+    lines += [f"  FAILED ({failed.problem}): {failed.detail} (request {failed.request_id})"
+              for failed in proof.failed]
+    if proof.failed:
+        lines.append(f"  {len(proof.failed)} file(s) fail: run `sync --repair --verify` to upload them again")
+    else:
+        lines.append(f"  all {proof.checked} verify with the current key")
     return lines
 
 

@@ -68,6 +68,7 @@ class SyncOptions:
     allow_deletes: bool = False
     requests: tuple[str, ...] = ()  # --request: re-send exactly these, nothing else
     repair: bool = False  # --repair: re-upload live files missing or damaged on the server first
+    verify: bool = False  # --repair --verify: damaged includes failing the Fernet check (engine/audit.py)
 
 
 @dataclass
@@ -191,7 +192,7 @@ def _plan(config: Config, options: SyncOptions, broker: BrokerClient, entries: d
     if journal is not None and _server_work_certain(ids, entries, options, journal):  # None: a dry run
         login.start()
     listing = fetch_completions(broker, ids, config.broker.concurrency, cancellation)
-    return _choose_plan(config, options, listing, entries, login)
+    return _choose_plan(config, options, listing, entries, login, cancellation)
 
 
 def _server_work_certain(ids: Sequence[str], entries: dict[str, LedgerEntry], options: SyncOptions,
@@ -206,7 +207,8 @@ def _server_work_certain(ids: Sequence[str], entries: dict[str, LedgerEntry], op
 
 
 def _choose_plan(config: Config, options: SyncOptions, listing: dict[str, str],
-                 entries: dict[str, LedgerEntry], login: SftpLogin) -> Plan:
+                 entries: dict[str, LedgerEntry], login: SftpLogin,
+                 cancellation: Cancellation | None = None) -> Plan:
     """The run's plan: the normal one, the one-off ``--request`` one, and ``--repair``'s additions."""
     if options.requests:
         missing = [request_id for request_id in options.requests if request_id not in listing]
@@ -222,15 +224,39 @@ def _choose_plan(config: Config, options: SyncOptions, listing: dict[str, str],
     if options.repair:
         from broker_sftp_uploader.engine.audit import compare_remote
 
-        comparison = compare_remote(entries, login.connection().main.list_sizes())
+        files = login.connection().main.list_sizes()
+        comparison = compare_remote(entries, files)
         for request_id, name in comparison.missing:
             logger.warning("%s (request %s) is missing on the server", name, request_id)
         for wrong in comparison.wrong_size:
             logger.warning("%s (request %s) has %d bytes on the server, expected %s", wrong.file_name,
                            wrong.request_id, wrong.size, wrong.expected or "the size of a Fernet token")
-        plan = add_uploads(plan, [request_id for request_id in comparison.needs_repair if request_id in listing],
-                           listing, entries, "repair")
+        repairs = set(comparison.needs_repair)
+        if options.verify:
+            repairs |= _failing_verification(config, login, entries, files, cancellation)
+        plan = add_uploads(plan, [request_id for request_id in sorted(repairs, key=int)
+                                  if request_id in listing], listing, entries, "repair")
     return plan
+
+
+def _failing_verification(config: Config, login: SftpLogin, entries: dict[str, LedgerEntry],
+                          files: dict[str, int], cancellation: Cancellation | None) -> set[str]:
+    """``--repair --verify``: read every live file of the folder (``files``: name -> size) back and check its
+    Fernet token, as ``status --remote --verify`` does; return the ids of those that fail (each is logged).
+
+    :raises KeyFileError: the key file cannot be read.
+    :raises SftpError: no session can be opened to read the files.
+    :raises BaseException: ``cancellation``'s reason, when the run is stopped meanwhile (time limit, signal).
+    """
+    from broker_sftp_uploader.engine.audit import files_to_prove, prove_delivery
+
+    proof = prove_delivery(load_keys(config.key_path), files_to_prove(entries, files),
+                           login.connection().open_session, config.sftp.parallel_uploads, cancellation)
+    for failed in proof.failed:
+        logger.warning("%s (request %s) fails the Fernet check: %s", failed.file_name, failed.request_id,
+                       failed.detail)
+    logger.info("Fernet check: %d of %d live file(s) on the server verified", proof.verified, proof.checked)
+    return {failed.request_id for failed in proof.failed}
 
 
 def _nothing_to_do(config: Config, plan: Plan, journal: PartialsJournal) -> bool:

@@ -10,6 +10,9 @@ import sys
 
 import pytest
 
+from cryptography.fernet import Fernet
+
+from broker_sftp_uploader.crypto import key_fingerprint
 from broker_sftp_uploader.state.ledger import Ledger
 from test_resources import broker_actors as actors
 from test_resources.broker_actors import NODE1_KEY
@@ -215,3 +218,114 @@ def test_remote_status_leaves_the_ledger_as_it_was(synced):
     before = Ledger.load(synced.ledger).to_bytes()
     assert status(synced, "--remote").returncode == 0
     assert Ledger.load(synced.ledger).to_bytes() == before
+
+
+# --- status --remote --verify: the files read back and their Fernet tokens checked ---------------------
+
+def _flip_middle(path) -> None:
+    """Change one base64 character in the middle of a token: same size, still base64, HMAC broken."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle] = ord("B") if data[middle] != ord("B") else ord("C")
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def five_synced(broker, workspace, sshd):
+    """Requests 0 to 4 uploaded by a real sync, then three of the five damaged on the server in place:
+    0 tampered (one character, same size), 1 truncated, 2 encrypted with a key not in the key file (same
+    size); 3 and 4 stay good."""
+    for number in range(5):
+        actors.publish_completed(broker.url, result=f"request {number}\n".encode() * 50)
+    workspace.pin_host_key(sshd)
+    first = workspace.sync()
+    assert first.returncode == 0, first.stderr
+    remote = workspace.remote
+    _flip_middle(remote / "export_0.zip")
+    truncated = remote / "export_1.zip"
+    truncated.write_bytes(truncated.read_bytes()[:-40])
+    stranger = Fernet.generate_key()
+    wrong_key = remote / "export_2.zip"
+    plain = Fernet(workspace.key_path.read_bytes().strip()).decrypt(wrong_key.read_bytes())
+    wrong_key.write_bytes(Fernet(stranger).encrypt(plain))
+    workspace.stranger = stranger
+    return workspace
+
+
+@pytest.mark.parametrize("transport", ["paramiko", "openssh"])
+def test_verify_finds_tampered_truncated_and_wrong_key_files_among_good_ones(five_synced, transport):
+    site = five_synced
+    if transport == "openssh":
+        site.rewrite_config('FOLDERNAME = "', 'TRANSPORT = "openssh"\nFOLDERNAME = "')
+    unchanged = Unchanged(site)
+    result = status(site, "--json", "--remote", "--verify")
+    assert result.returncode == 17, result.stderr
+    assert result.stderr == ""
+    remote = json.loads(result.stdout)["remote"]
+    assert [wrong["request_id"] for wrong in remote["wrong_size"]] == ["1"]
+    verify = remote["verify"]
+    assert (verify["checked"], verify["verified"]) == (5, 2)
+    assert [(failed["request_id"], failed["problem"], failed["key"]) for failed in verify["failed"]] == [
+        ("0", "no_key", None), ("1", "malformed", None), ("2", "no_key", None)]
+    assert "truncated" in verify["failed"][1]["detail"]
+    unchanged.verify()
+
+
+def test_verify_names_the_older_key_that_verifies_and_the_table_says_what_to_do(five_synced):
+    site = five_synced
+    current = site.key_path.read_bytes().strip()
+    site.key_path.write_bytes(current + b"\n# the old key\n" + site.stranger + b"\n")
+    result = status(site, "--remote", "--verify")
+    assert result.returncode == 17, result.stderr
+    lines = result.stdout.splitlines()
+    assert "Fernet check of the 5 live file(s) on the server:" in lines
+    fingerprint, current_fingerprint = key_fingerprint(site.stranger), key_fingerprint(current)
+    assert (f"  FAILED (other_key): export_2.zip is encrypted with key {fingerprint} (key 2 of the key "
+            f"file), not with the current key {current_fingerprint} (request 2)") in lines
+    assert "  3 file(s) fail: run `sync --repair --verify` to upload them again" in lines
+    assert not any("export_3.zip" in line or "export_4.zip" in line for line in lines if "FAILED" in line)
+
+
+def test_verify_of_good_files_exits_0_and_without_remote_is_a_usage_error(synced):
+    result = status(synced, "--json", "--remote", "--verify")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["remote"]["verify"] == {"checked": 3, "verified": 3, "failed": []}
+    plain = status(synced, "--json", "--remote")
+    assert "verify" not in json.loads(plain.stdout)["remote"]
+    alone = status(synced, "--verify")
+    assert alone.returncode == 2
+    assert "--verify checks the server's files: use it with --remote" in alone.stderr
+
+
+def test_verify_counts_a_missing_file_as_not_proven(synced):
+    (synced.remote / "export_1.zip").unlink()
+    result = status(synced, "--json", "--remote", "--verify")
+    assert result.returncode == 17, result.stderr
+    remote = json.loads(result.stdout)["remote"]
+    assert remote["missing"] == [{"request_id": "1", "file": "export_1.zip"}]
+    assert remote["verify"] == {"checked": 2, "verified": 2, "failed": []}
+    assert status(synced, "--remote").returncode == 0  # without --verify status only reports, as before
+
+
+def test_sync_repair_verify_uploads_again_what_fails_the_check_and_status_then_proves_all(five_synced):
+    site = five_synced
+    current = site.key_path.read_bytes().strip()
+    site.key_path.write_bytes(current + b"\n" + site.stranger + b"\n")  # 2 now verifies with the older key
+    good = {name: (site.remote / name).read_bytes() for name in ("export_3.zip", "export_4.zip")}
+    sizes_only = site.sync("--repair")
+    assert sizes_only.returncode == 0, sizes_only.stderr
+    assert status(site, "--remote", "--verify").returncode == 17  # the same-size damage is still there
+
+    repaired = site.sync("--repair", "--verify", "--json")
+    assert repaired.returncode == 0, repaired.stderr
+    assert "export_0.zip (request 0) fails the Fernet check" in repaired.stderr
+    assert f"export_2.zip (request 2) fails the Fernet check: export_2.zip is encrypted with key " \
+           f"{key_fingerprint(site.stranger)}" in repaired.stderr
+    uploads = [action["request_id"] for action in json.loads(repaired.stdout)["actions"]
+               if action.get("action") == "upload"]
+    assert sorted(uploads) == ["0", "2"], repaired.stdout
+    result = status(site, "--json", "--remote", "--verify")
+    assert result.returncode == 0, result.stdout
+    assert json.loads(result.stdout)["remote"]["verify"] == {"checked": 5, "verified": 5, "failed": []}
+    assert {name: (site.remote / name).read_bytes() for name in good} == good  # the good ones were left alone
+    assert site.sync("--verify").returncode == 2

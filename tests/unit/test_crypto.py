@@ -12,7 +12,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from cryptography.fernet import Fernet, InvalidToken
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -630,3 +630,80 @@ def test_make_output_dir_over_a_file_is_an_output_error(tmp_path):
         with pytest.raises(OutputFileError, match="taken"):
             crypto.make_output_dir(folder)
     assert (tmp_path / "taken").read_bytes() == b"x"
+
+
+# --- verify_token: the delivery proof's check, judged like Fernet.decrypt, writing nothing ---------------
+
+
+def fernet_accepts(keys: list[bytes], token: bytes) -> bool:
+    try:
+        MultiFernet([Fernet(key) for key in keys]).decrypt(token)
+    except InvalidToken:
+        return False
+    return True
+
+
+def verify_kind(keys: list[bytes], token: bytes, chunk_size: int = CHUNK_SIZE) -> str:
+    """"ok" or the ``InvalidToken`` kind ``verify_token`` gives."""
+    try:
+        crypto.verify_token(keys, io.BytesIO(token), chunk_size)
+    except crypto.InvalidToken as error:
+        return error.kind
+    return "ok"
+
+
+@pytest.mark.parametrize("size", [0, 1, 15, 16, 17, 100, 5000])
+@pytest.mark.parametrize("chunk_size", [1, 7, SMALL_CHUNK, CHUNK_SIZE])
+def test_verify_token_accepts_exactly_what_fernet_decrypts(key, size, chunk_size):
+    """Truncations, changed characters and added text: every time the same verdict as Fernet's."""
+    token = Fernet(key).encrypt(payload(size))
+    generator = random.Random(size * 31 + chunk_size)
+    variants = [token, token + b"\n", token[:-1], token[:len(token) // 2], token[:-4], token + b"A", b"",
+                b"x"]
+    variants += [with_bit_flipped(token, generator.randrange(len(token)),
+                                  significant=generator.random() < 0.8) for _ in range(20)]
+    for variant in variants:
+        kind = verify_kind([key], variant, chunk_size)
+        assert (kind == "ok") == fernet_accepts([key], variant), (variant, kind)
+
+
+def test_verify_token_says_which_key_and_when():
+    first, second = Fernet.generate_key(), Fernet.generate_key()
+    token = Fernet(second).encrypt_at_time(b"result", 1_700_000_123)
+    proof = crypto.verify_token([first, second], io.BytesIO(token))
+    assert (proof.key_position, proof.timestamp) == (1, 1_700_000_123)
+    assert crypto.verify_token([second], io.BytesIO(token)).key_position == 0
+    assert verify_kind([first], token) == "no_key"
+
+
+def test_verify_token_finds_bad_padding_behind_a_valid_hmac_in_the_last_block(key):
+    """The padding sits in the last block, deciphered with the block before it (or the IV) as its IV."""
+    cases = {
+        "ok": [cbc_encrypt(key, b"abc" + bytes([13]) * 13), cbc_encrypt(key, b"x" * 20 + bytes([12]) * 12)],
+        "bad_padding": [cbc_encrypt(key, b"abc" + bytes(13)), cbc_encrypt(key, b"x" * 20 + bytes([17]) * 12),
+                        cbc_encrypt(key, b"y" * 47 + bytes([2]))],
+        "malformed": [b"", bytes(15), bytes(33)],
+    }
+    for expected, bodies in cases.items():
+        for body in bodies:
+            token = signed_token(key, body)
+            assert verify_kind([key], token, chunk_size=5) == expected, body
+            assert fernet_accepts([key], token) == (expected == "ok")
+
+
+def test_verify_token_without_keys_is_refused():
+    with pytest.raises(DecryptError, match="no key given"):
+        crypto.verify_token([], io.BytesIO(b""))
+
+
+def test_verify_token_of_a_large_token_holds_a_few_chunks():
+    key = Fernet.generate_key()
+    reader = EncryptingReader(io.BytesIO(bytes(8 * MIB)), key)
+    token = io.BytesIO(reader.read())  # outside the measurement
+    tracemalloc.start()
+    try:
+        crypto.verify_token([key, Fernet.generate_key()], token)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * CHUNK_SIZE

@@ -18,7 +18,7 @@ from broker_sftp_uploader.errors import EXIT_CODES, UploaderError
 EXPECTED = {
     "sync": [0, 1, 2, 3, 4, 10, 11, 12, 13, 14, 15, 130],
     "check": [0, 1, 2, 10, 12, 13, 14, 15, 130],
-    "status": [0, 1, 2, 10, 12, 13, 14, 15, 130],
+    "status": [0, 1, 2, 10, 12, 13, 14, 15, 17, 130],
     "keygen": [0, 1, 2, 12],
     "fingerprint": [0, 1, 2, 12],
     "decrypt": [0, 1, 2, 12, 16, 130],
