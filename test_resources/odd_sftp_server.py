@@ -1,8 +1,9 @@
 """A small SFTP server of our own (asyncssh's server side) that misbehaves on demand, as real servers do.
 
-None of the behaviours advertises ``posix-rename@openssh.com`` in the VERSION reply (and the server
-answers it like any unknown extension). Each behaviour is one way a receiver's server treats the
-requests a sync sends:
+``stock`` is asyncssh's SFTP server as it ships (it offers ``posix-rename@openssh.com``; its plain
+RENAME refuses an existing target), only logged. None of the other behaviours advertises
+``posix-rename@openssh.com`` in the VERSION reply (and the server answers it like any unknown
+extension). Each is one way a receiver's server treats the requests a sync sends:
 
 * ``close-on-unknown-extension``: an unknown extended request gets "Bad message", then the SFTP
   channel is closed (the SSH connection lives on); RENAME refuses an existing target;
@@ -30,8 +31,8 @@ from pathlib import Path
 from test_resources.password_sftp import PasswordSftpServer
 from test_resources.server_process import ServerUnavailable
 
-BEHAVIOURS = ("close-on-unknown-extension", "copying-rename", "refusing-rename", "overwriting-rename",
-              "truncating-rename")
+BEHAVIOURS = ("stock", "close-on-unknown-extension", "copying-rename", "refusing-rename",
+              "overwriting-rename", "truncating-rename")
 POSIX_RENAME = b"posix-rename@openssh.com"
 READY = "odd-sftp-server listening on"
 
@@ -93,9 +94,11 @@ def _serve(port: int, root: Path, host_key: Path, behaviour: str, password: str)
     from asyncssh import sftp
 
     handler = sftp.SFTPServerHandler
-    # Not offered, and answered like any extension the server does not know.
-    handler._extensions = [pair for pair in handler._extensions if pair[0] != POSIX_RENAME]
-    handlers = {kind: work for kind, work in handler._packet_handlers.items() if kind != POSIX_RENAME}
+    stock = behaviour == "stock"
+    # Not offered, and answered like any extension the server does not know (stock: as shipped).
+    handler._extensions = [pair for pair in handler._extensions if stock or pair[0] != POSIX_RENAME]
+    handlers = {kind: work for kind, work in handler._packet_handlers.items()
+                if stock or kind != POSIX_RENAME}
 
     if behaviour == "close-on-unknown-extension":
         async def unknown_extension(self, packet):
@@ -128,6 +131,8 @@ def _serve(port: int, root: Path, host_key: Path, behaviour: str, password: str)
 
         def rename(self, oldpath: bytes, newpath: bytes) -> None:
             _log(f"REQUEST RENAME {oldpath.decode(errors='replace')} {newpath.decode(errors='replace')}")
+            if stock:
+                return super().rename(oldpath, newpath)
             old, new = self.map_path(oldpath), self.map_path(newpath)
             if behaviour == "copying-rename":
                 shutil.copyfile(old, new)

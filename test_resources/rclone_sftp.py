@@ -38,7 +38,9 @@ class RcloneSftpServer(PasswordSftpServer):
         rclone = find_program("rclone", RcloneUnavailable, FIX_HINT)
         return [rclone, "serve", "sftp", str(self.sftp_root), "--addr", f"{self.host}:{port}", "--user",
                 self.username, "--pass", self.password, "--key", str(self.host_key_path), "--authorized-keys",
-                str(self._no_keys), "--config", "/dev/null"]
+                str(self._no_keys), "--config", "/dev/null",
+                # the tests make folders behind its back: a cached listing (5 minutes by default) misses them
+                "--dir-cache-time", "0s", "--poll-interval", "0"]
 
     def _ready(self, log_text: str, port: int) -> bool:
         return f"SFTP server listening on {self.host}:{port}" in log_text

@@ -1,21 +1,28 @@
-"""`sync` and `check` through the CLI against SFTP servers that are not OpenSSH: rclone's (``rclone serve
-sftp``, Debian), and our own misbehaving server (``test_resources/odd_sftp_server.py``, on asyncssh's
-server side), told to close the SFTP channel on an unknown extension, to copy on RENAME, to refuse or
-to allow a RENAME onto an existing name, or to truncate the file it renames. None of the latter offers
-posix-rename@openssh.com.
+"""`sync`, `check` and `status --remote --verify` through the CLI against SFTP servers that are not OpenSSH.
+
+Four independent implementations, each as it ships: ProFTPD's mod_sftp (Debian, C; also without
+posix-rename), rclone's (``rclone serve sftp``, Debian, Go), asyncssh's (PyPI, Python) and Dropbear
+with Green End's gesftpserver (Debian, C; no OpenSSH code on either side). And our own misbehaving
+server (``test_resources/odd_sftp_server.py``, on asyncssh's server side), told to close the SFTP
+channel on an unknown extension, to copy on RENAME, to refuse or to allow a RENAME onto an existing
+name, or to truncate the file it renames. None of the latter offers posix-rename@openssh.com.
 
 The whole story runs on each: a first sync, a changed request replaced, a deleted one removed, an idle
-rerun, and `check`, which must name the rename method a sync uses there.
+rerun, `check`, which must name the rename method a sync uses there, and `status --remote --verify`,
+which must prove every file on the server.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
+import paramiko
 import pytest
 
 from broker_sftp_uploader.config import SftpSettings
@@ -30,7 +37,9 @@ from broker_sftp_uploader.sftp.session import (
 from test_resources import broker_actors as actors
 from test_resources.availability import require_server
 from test_resources.broker_actors import NODE2_KEY
+from test_resources.dropbear_sftp import DropbearSftpServer
 from test_resources.odd_sftp_server import OddSftpServer
+from test_resources.proftpd import ProftpdServer
 from test_resources.rclone_sftp import RcloneSftpServer
 from tests.conftest import Workspace, make_workspace
 from tests.integration.test_other_sftp_servers import assert_delivered, completions, snapshot
@@ -43,7 +52,32 @@ METHODS = {"close-on-unknown-extension": METHOD_DELETE_THEN_RENAME,
            "overwriting-rename": METHOD_RENAME_OVERWRITES}
 
 
-def started(server_class, *arguments: str):
+class Independent(NamedTuple):
+    """An independent server as it ships, and what the story must find there."""
+
+    launcher: type
+    arguments: tuple[object, ...]
+    method: str  # how a sync replaces a file, as check names it
+    software: str  # the start of its SSH banner
+    extension: str  # one its VERSION reply offers: where it has any, one OpenSSH's does not (which server)
+    rename_overwrites: bool  # what its plain RENAME (SFTP v3) does onto an existing name
+
+
+INDEPENDENT_SERVERS = {
+    "proftpd": Independent(ProftpdServer, (), METHOD_POSIX_RENAME, "SSH-2.0-mod_sftp", "versions",
+                           rename_overwrites=False),
+    "proftpd-no-posix-rename": Independent(ProftpdServer, (("rki",), False), METHOD_DELETE_THEN_RENAME,
+                                           "SSH-2.0-mod_sftp", "versions", rename_overwrites=False),
+    "rclone": Independent(RcloneSftpServer, (), METHOD_POSIX_RENAME, "SSH-2.0-rclone", "statvfs@openssh.com",
+                          rename_overwrites=True),
+    "asyncssh": Independent(OddSftpServer, ("stock",), METHOD_POSIX_RENAME, "SSH-2.0-AsyncSSH_",
+                            "ranges@asyncssh.com", rename_overwrites=False),
+    "dropbear-gesftpserver": Independent(DropbearSftpServer, (), METHOD_POSIX_RENAME, "SSH-2.0-dropbear_",
+                                         "symlink-order@rjk.greenend.org.uk", rename_overwrites=False),
+}
+
+
+def started(server_class, *arguments: object):
     require_server(server_class)
     base = Path(tempfile.mkdtemp(prefix="bsu-other-sftp-"))
     try:
@@ -59,9 +93,12 @@ def odd_server(request):
     yield from started(OddSftpServer, request.param)
 
 
-@pytest.fixture(scope="module")
-def rclone():
-    yield from started(RcloneSftpServer)
+@pytest.fixture(scope="module", params=list(INDEPENDENT_SERVERS))
+def independent(request):
+    """One of the independent servers as it ships, and what is expected of it: (server, Independent)."""
+    expected = INDEPENDENT_SERVERS[request.param]
+    for server in started(expected.launcher, *expected.arguments):
+        yield server, expected
 
 
 @pytest.fixture
@@ -84,22 +121,44 @@ def warnings_in(stderr: str) -> list[str]:
 
 def test_the_sync_story_and_check_on_each_behaviour(odd_server, broker, odd_workspace):
     behaviour = odd_server.behaviour
-    sync_story(odd_workspace, broker, METHODS[behaviour], "SSH-2.0-AsyncSSH_",
+    sync_story(odd_workspace, broker, METHODS[behaviour], "SSH-2.0-AsyncSSH_", "statvfs@openssh.com",
                copying=behaviour == "copying-rename")
     # Not offered, so never asked for: on the first server it would have closed the channel.
     assert not [request for request in odd_server.requests("EXTENDED") if "posix-rename" in request]
 
 
-def test_the_sync_story_and_check_on_rclone(rclone, broker, tmp_path, request):
-    workspace = make_workspace(tmp_path, broker, rclone, rclone.username, rclone.password, rclone.folder,
+def test_the_sync_story_check_and_verify_on_each_independent_server(independent, broker, tmp_path, request):
+    server, expected = independent
+    workspace = make_workspace(tmp_path, broker, server, server.username, server.password, server.folder,
                                request.node.name)
-    sync_story(workspace, broker, METHOD_POSIX_RENAME, "SSH-2.0-rclone", copying=False)
+    sync_story(workspace, broker, expected.method, expected.software, expected.extension, copying=False)
 
 
-def sync_story(workspace: Workspace, broker, method: str, software: str, *, copying: bool) -> None:
-    """First sync, check, a changed request replaced, a deleted one removed, an idle rerun: each as on
-    OpenSSH; ``method`` is the rename method check must name, ``software`` the start of the server's
-    banner; ``copying``: the server's RENAME copies (one warning per run that uploads)."""
+def test_each_independent_server_renames_onto_an_existing_name_as_documented(independent):
+    """What a plain RENAME (SFTP v3) does there: why posix-rename is used where offered (README table)."""
+    server, expected = independent
+    folder = server.folder(f"plain-rename-{os.urandom(3).hex()}")
+    with paramiko.Transport((server.host, server.port)) as transport:
+        transport.connect(username=server.username, password=server.password)
+        client = paramiko.SFTPClient.from_transport(transport)
+        for name in ("old", "new"):
+            client.putfo(io.BytesIO(name.encode()), f"{folder.name}/{name}")
+        if expected.rename_overwrites:
+            client.rename(f"{folder.name}/new", f"{folder.name}/old")
+        else:
+            with pytest.raises(OSError):
+                client.rename(f"{folder.name}/new", f"{folder.name}/old")
+    names = sorted(path.name for path in folder.iterdir())
+    assert names == (["old"] if expected.rename_overwrites else ["new", "old"])
+    assert (folder / "old").read_bytes() == (b"new" if expected.rename_overwrites else b"old")
+
+
+def sync_story(workspace: Workspace, broker, method: str, software: str, extension: str, *,
+               copying: bool) -> None:
+    """First sync, check, a changed request replaced, a deleted one removed, an idle rerun, and
+    `status --remote --verify`: each as on OpenSSH; ``method`` is the rename method check must name,
+    ``software`` the start of the server's banner, ``extension`` one its VERSION reply offers;
+    ``copying``: the server's RENAME copies (one warning per run that uploads)."""
     # Once per run, where the server's RENAME copies: the runs that upload.
     expected_warnings = 1 if copying else 0
     first, second, third = (actors.publish_completed(broker.url) for _ in range(3))
@@ -122,7 +181,7 @@ def sync_story(workspace: Workspace, broker, method: str, software: str, *, copy
     assert details["server_software"].startswith(software)
     assert details["sftp_version"] == 3 and details["rename_method"] == method
     assert ("posix-rename@openssh.com" in details["extensions"]) is (method == METHOD_POSIX_RENAME)
-    assert "statvfs@openssh.com" in details["extensions"]
+    assert extension in details["extensions"]
     assert snapshot(workspace.remote) == before  # check leaves nothing behind
 
     actors.post_status(broker.url, NODE2_KEY, first, "retrieved")  # completion 1.0 -> 0.5: same name
@@ -143,6 +202,13 @@ def sync_story(workspace: Workspace, broker, method: str, software: str, *, copy
     before, ledger = snapshot(workspace.remote), workspace.ledger.read_bytes()
     result = workspace.sync()
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    assert snapshot(workspace.remote) == before
+    assert workspace.ledger.read_bytes() == ledger
+
+    # Delivery proven from what the server holds: every live file read back and its Fernet token checked.
+    result = workspace.run("status", "-c", str(workspace.config_path), "--json", "--remote", "--verify")
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+    assert json.loads(result.stdout)["remote"]["verify"] == {"checked": 2, "verified": 2, "failed": []}
     assert snapshot(workspace.remote) == before
     assert workspace.ledger.read_bytes() == ledger
 
