@@ -260,13 +260,14 @@ def crash_and_recover(site: Site, ids: ScenarioRequests, references: dict[str, B
         outcome.violations.append(f"[rerun-exit] the run after the kill exited {rerun.returncode}: "
                                   f"{_tail(rerun.stderr)}")
     outcome.working_files = sorted(os.listdir(site.working_dir))
+    # Before the third run starts: that run saves its own report (last-run.json) through a temp file.
+    outcome.violations += check_working_dir(site)
     before_third = _state_for_third_run(site)
     # The third run only reads, so the content checks overlap with it (2 cores; keeps the test short).
     third = site.start_sync()
     try:
         outcome.violations += check_ledger(site, ids)
         outcome.violations += check_remote_files(site, ids, references, untouched_before)
-        outcome.violations += check_working_dir(site)
     finally:
         _, third_stderr = third.communicate(timeout=RUN_TIMEOUT)
     if third.returncode != 0:
