@@ -70,11 +70,15 @@ MAX_DELETE_COUNT = NumberKey("REQUESTS", "MAX_DELETE_COUNT", None, 0, None, inte
 SFTP_PORT = NumberKey("SFTP", "PORT", 22, 1, 65535, integer=True)
 SFTP_TIMEOUT = NumberKey("SFTP", "TIMEOUT", None, 1, 3600, integer=False, required=True)
 SFTP_RETRIES = NumberKey("SFTP", "RETRIES", 3, 0, 10, integer=True)
+# Seconds between SSH keepalives while a session is idle (0: none); under the 60-300 s after which NATs and
+# firewalls commonly drop an idle TCP session.
+SFTP_KEEPALIVE = NumberKey("SFTP", "KEEPALIVE", 30, 0, 3600, integer=True)
 # OpenSSH allows 10 sessions per connection (MaxSessions): 8 workers and the main session fit.
 PARALLEL_UPLOADS = NumberKey("SFTP", "PARALLEL_UPLOADS", 8, 1, 9, integer=True)
 RUN_TIMEOUT = NumberKey("MISC", "RUN_TIMEOUT", 14400.0, 60, 604800, integer=False)
 NUMBER_KEYS = (CALL_TIMEOUT, EXPORT_TIMEOUT, BROKER_RETRIES, CONCURRENCY, MAX_DELETE_PERCENT,
-               MAX_DELETE_COUNT, SFTP_PORT, SFTP_TIMEOUT, SFTP_RETRIES, PARALLEL_UPLOADS, RUN_TIMEOUT)
+               MAX_DELETE_COUNT, SFTP_PORT, SFTP_TIMEOUT, SFTP_RETRIES, SFTP_KEEPALIVE, PARALLEL_UPLOADS,
+               RUN_TIMEOUT)
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,7 @@ class SftpSettings:
     private_key_passphrase: str | None = field(default=None, repr=False)
     parallel_uploads: int = PARALLEL_UPLOADS.default  # requests exported, encrypted and uploaded at once
     transport: str = DEFAULT_TRANSPORT  # "paramiko" (in-process SSH) or "openssh" (an `ssh -s sftp` child)
+    keepalive: int = SFTP_KEEPALIVE.default  # seconds between SSH keepalives while idle; 0: none
 
 
 @dataclass(frozen=True)
@@ -294,7 +299,7 @@ _KNOWN_KEYS: dict[str | None, set[str]] = {
     "BROKER": {"URL", "API_KEY", "API_KEY_FILE", "CALL_TIMEOUT", "EXPORT_TIMEOUT", "RETRIES", "CONCURRENCY"},
     "REQUESTS": {"TAG", "MAX_DELETE_PERCENT", "MAX_DELETE_COUNT"},
     "SFTP": {"HOST", "PORT", "USERNAME", "PASSWORD", "PASSWORD_FILE", "TIMEOUT", "FOLDERNAME", "KNOWN_HOSTS",
-             "UPLOAD_LEDGER", "RETRIES", "PRIVATE_KEY", "PRIVATE_KEY_PASSPHRASE",
+             "UPLOAD_LEDGER", "KEEPALIVE", "RETRIES", "PRIVATE_KEY", "PRIVATE_KEY_PASSPHRASE",
              "PRIVATE_KEY_PASSPHRASE_FILE", "PARALLEL_UPLOADS", "TRANSPORT"},
     "SECURITY": {"PATH_ENCRYPTION_KEY"},
     "MISC": {"WORKING_DIR", "RUN_TIMEOUT", "METRICS_FILE", "LOG_FILE"},
@@ -453,6 +458,7 @@ def parse_config(data: dict[str, Any], source: Path, environ: Mapping[str, str] 
     folder = reader.text("SFTP", "FOLDERNAME")
     upload_ledger = reader.flag("SFTP", "UPLOAD_LEDGER", DEFAULT_UPLOAD_LEDGER)
     sftp_retries = reader.number(SFTP_RETRIES)
+    keepalive = reader.number(SFTP_KEEPALIVE)
     parallel_uploads = reader.number(PARALLEL_UPLOADS)
     transport = reader.text("SFTP", "TRANSPORT", required=False) or DEFAULT_TRANSPORT
     if transport not in TRANSPORTS:
@@ -476,7 +482,7 @@ def parse_config(data: dict[str, Any], source: Path, environ: Mapping[str, str] 
     assert password or private_key
     assert port is not None and timeout is not None and key_path and working_dir
     assert None not in (call_timeout, export_timeout, broker_retries, max_delete_percent, sftp_retries,
-                        run_timeout, concurrency, parallel_uploads)
+                        run_timeout, concurrency, parallel_uploads, keepalive)
     return Config(
         source=source,
         broker=BrokerSettings(url=url.rstrip("/"), api_key=api_key, tag=tag, ca_bundle=ca_bundle,
@@ -487,7 +493,7 @@ def parse_config(data: dict[str, Any], source: Path, environ: Mapping[str, str] 
                           known_hosts=known_hosts or working_dir / "known_hosts",
                           upload_ledger=upload_ledger, retries=int(sftp_retries), private_key=private_key,
                           private_key_passphrase=passphrase, parallel_uploads=int(parallel_uploads),
-                          transport=transport),
+                          transport=transport, keepalive=int(keepalive)),
         key_path=key_path,
         working_dir=working_dir,
         max_delete_percent=float(max_delete_percent),

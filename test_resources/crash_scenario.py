@@ -15,6 +15,7 @@ import hashlib
 import io
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -80,6 +81,20 @@ def change_broker(url: str, initial: ScenarioRequests, large_result: Path) -> Sc
     large = actors.publish_completed(url, TAG, result=large_result)
     small = actors.publish_completed(url, TAG, result=b"g;h\n7;8\n")
     return ScenarioRequests(initial.deleted, initial.changed, initial.unchanged, large, small)
+
+
+def starting_state(url: str, template: Site, large_result: Path) -> tuple[SiteSnapshot, ScenarioRequests]:
+    """On a fresh broker: create A, B and E, sync them with ``template`` and save its state (its remote
+    folder is then removed), then change the broker, with ``large_result`` as C's result.
+
+    :returns: the saved state, and the ids of all the requests.
+    """
+    initial = prepare_initial_requests(url)
+    first = template.sync()
+    assert first.returncode == 0, f"the initial sync failed: {first.stderr}"
+    snapshot = SiteSnapshot.take(template)
+    shutil.rmtree(template.remote)
+    return snapshot, change_broker(url, initial, large_result)
 
 
 def broker_completion(url: str, request_id: str) -> str:

@@ -5,6 +5,11 @@ known_hosts file, and from then on any other key is refused. Login is by passwor
 both (see ``ssh_keys``). Connection-level failures are retried with backoff. Uploads go to a hidden
 temp name and are renamed into place, so a receiver never sees a partial file under its final name
 (``session.py``); parallel uploads each get a session (an SFTP channel) of the one connection.
+
+A dead connection is dead: the first request that times out or finds it gone ends it for the run
+(``session.LinkHealth``), so a partition costs one ``SFTP.TIMEOUT``, not one per remaining request.
+SSH keepalives (``SFTP.KEEPALIVE``) keep an idle connection open through NATs while the broker exports,
+and a connection lost while idle is opened again, once, before an action fails.
 """
 
 from __future__ import annotations
@@ -25,9 +30,9 @@ from broker_sftp_uploader.config import SftpSettings
 from broker_sftp_uploader.errors import SftpError
 from broker_sftp_uploader.interrupts import deferred
 from broker_sftp_uploader.state.journal import PartialsJournal
-from broker_sftp_uploader.sftp.paramiko_internals import open_sftp_channel
+from broker_sftp_uploader.sftp.paramiko_internals import connection_is_lost, open_sftp_channel
 from broker_sftp_uploader.sftp.session import FAILURES as _FAILURES
-from broker_sftp_uploader.sftp.session import ServerTraits, SftpSession
+from broker_sftp_uploader.sftp.session import LinkHealth, ServerTraits, SftpSession
 from broker_sftp_uploader.sftp.session import reason as _reason
 from broker_sftp_uploader.sftp.ssh_keys import (
     KnownHosts,
@@ -111,6 +116,8 @@ class SftpConnection:
         self._client: paramiko.SSHClient | None = None
         self._main: SftpSession | None = None
         self.traits = ServerTraits()
+        self.health = LinkHealth(self.where)
+        self._revived = False  # a connection lost while idle is opened again once per run
 
     @property
     def where(self) -> str:
@@ -174,7 +181,10 @@ class SftpConnection:
                            banner_timeout=timeout, auth_timeout=timeout, channel_timeout=timeout,
                            allow_agent=False, look_for_keys=False, auth_strategy=login,
                            transport_factory=gcm_first_transport)
-            sftp = open_sftp_channel(client.get_transport())
+            transport = client.get_transport()
+            if settings.keepalive:  # sent only while nothing else is: an idle login stays open through NATs
+                transport.set_keepalive(settings.keepalive)
+            sftp = open_sftp_channel(transport)
             sftp.get_channel().settimeout(settings.timeout)
         except paramiko.BadHostKeyException as error:
             client.close()
@@ -196,6 +206,8 @@ class SftpConnection:
             client.close()
             raise
         self._client = client
+        # A dead connection is closed at once: a thread blocked writing to it wakes up, nothing more is sent.
+        self.health = LinkHealth(self.where, on_dead=client.get_transport().close)
         self.traits.server_software = client.get_transport().remote_version
         self._begin(sftp)
 
@@ -203,7 +215,7 @@ class SftpConnection:
         """Make ``client`` the main session, once the folder proved usable (else close and raise)."""
         self.traits.learn_version_reply(client)
         self._main = SftpSession(client, self.folder, self.where, journal=self.journal, traits=self.traits,
-                                 reopen=self._new_channel)
+                                 reopen=self._new_channel, health=self.health)
         try:
             client.stat(self.folder)
         except OSError as error:
@@ -222,10 +234,29 @@ class SftpConnection:
 
     @property
     def main(self) -> SftpSession:
-        """The session opened with the connection."""
+        """The session opened with the connection (connected again if the connection was lost while idle).
+
+        :raises SftpError: not connected, or the connection was lost and cannot be opened again.
+        """
         if self._main is None:
             raise SftpError(f"not connected to {self.where}")
+        self._revive_if_lost_while_idle()
         return self._main
+
+    def _revive_if_lost_while_idle(self) -> None:
+        """Connect again, once per run, if the connection was lost while no request was on it (a NAT or
+        firewall that dropped it while the broker exported); a connection a request found dead stays so.
+
+        :raises SftpError: the new connection failed.
+        """
+        if self._revived or self._main is None or self.health.failed_once:
+            return
+        if not connection_is_lost(self._main.client):
+            return
+        self._revived = True
+        logger.warning("the connection to %s was lost while idle; connecting again", self.where)
+        self.close()
+        self.connect(self.deadline)
 
     def open_session(self, stop: threading.Event | None = None) -> SftpSession:
         """Another SFTP session (channel) of this connection, for a worker thread; close it after use.
@@ -234,13 +265,15 @@ class SftpConnection:
         """
         if self._client is None:
             raise SftpError(f"not connected to {self.where}")
+        self._revive_if_lost_while_idle()
+        self.health.check()
         try:
             with deferred():
                 client = self._new_channel()
         except _FAILURES as error:
             raise SftpError(f"cannot open another SFTP session on {self.where}: {_reason(error)}") from None
         return SftpSession(client, self.folder, self.where, journal=self.journal, traits=self.traits,
-                           stop=stop, reopen=self._new_channel)
+                           stop=stop, reopen=self._new_channel, health=self.health)
 
     def _new_channel(self) -> paramiko.SFTPClient:
         """Another SFTP channel on the SSH connection, with the configured timeout.

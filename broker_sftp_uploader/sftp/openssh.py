@@ -34,7 +34,7 @@ from broker_sftp_uploader.errors import SftpError
 from broker_sftp_uploader.interrupts import deferred
 from broker_sftp_uploader.sftp.connection import SftpConnection, _ConnectFailure
 from broker_sftp_uploader.sftp.paramiko_internals import PipeChannel, sftp_over_pipe
-from broker_sftp_uploader.sftp.session import SftpSession
+from broker_sftp_uploader.sftp.session import LinkHealth, SftpSession
 from broker_sftp_uploader.sftp.ssh_keys import known_hosts_bytes, load_known_hosts
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,17 @@ class OpensshConnection(SftpConnection):
             logger.warning("first connection to [%s]:%s: recorded its host key in %s", settings.host,
                            settings.port, settings.known_hosts)
         self._client = None
+        # A dead connection's ssh children are ended at once (each is its own TCP connection, but they
+        # share the network to the server: one timing out means the others are about to).
+        self.health = LinkHealth(self.where, on_dead=self._abort_sessions)
         self._begin(client)
+
+    def _abort_sessions(self) -> None:
+        """Kill every session's ssh child (the connection is dead)."""
+        with self._lock:
+            channels = list(self._channels)
+        for channel in channels:
+            channel.abort()
 
     def _write_secrets(self) -> None:
         if self._secrets is not None:
@@ -107,7 +117,8 @@ class OpensshConnection(SftpConnection):
             "HashKnownHosts": "no",
             "UpdateHostKeys": "no",
             "ConnectTimeout": str(max(1, round(timeout))),
-            "ServerAliveInterval": str(max(1, round(settings.timeout / 3))),
+            # ssh's keepalives keep an idle session open through NATs and end a dead one within TIMEOUT
+            "ServerAliveInterval": str(_alive_interval(settings.timeout, settings.keepalive)),
             "ServerAliveCountMax": "3",
             "IdentityAgent": "none",
             "IdentitiesOnly": "yes",
@@ -180,12 +191,14 @@ class OpensshConnection(SftpConnection):
         """Another SFTP session: another ``ssh`` child (another login)."""
         if self._main is None:
             raise SftpError(f"not connected to {self.where}")
+        self._revive_if_lost_while_idle()
+        self.health.check()
         try:
             client = self._start_session(self.settings.timeout)
         except _ConnectFailure as failure:
             raise SftpError(f"cannot open another SFTP session on {self.where}: {failure.reason}") from None
         return SftpSession(client, self.folder, self.where, journal=self.journal, traits=self.traits,
-                           stop=stop, reopen=self._new_channel)
+                           stop=stop, reopen=self._new_channel, health=self.health)
 
     def _new_channel(self) -> paramiko.SFTPClient:
         """Another SFTP session: another ``ssh`` child.
@@ -210,6 +223,13 @@ class OpensshConnection(SftpConnection):
 
 
 _SECRETS_PREFIX = "bsu-askpass-"
+
+
+def _alive_interval(timeout: float, keepalive: int) -> int:
+    """ssh's ServerAliveInterval: a third of ``timeout`` (three unanswered ones end a dead connection
+    within it), or ``keepalive`` (``SFTP.KEEPALIVE``) when that is shorter and not 0."""
+    interval = max(1, round(timeout / 3))
+    return min(interval, keepalive) if keepalive else interval
 
 
 def _remove_orphaned_secrets(parent: Path) -> None:

@@ -33,6 +33,7 @@ import fcntl
 import os
 import select
 import subprocess
+import time
 
 import paramiko
 from paramiko.sftp import (
@@ -61,6 +62,9 @@ SFTP_VERSION = 3  # the version paramiko speaks and asks for
 # and data are bounded by the packet, which paramiko reads whole).
 MAX_EXTENSIONS = 64
 POSIX_RENAME = "posix-rename@openssh.com"
+SSH_CONNECTION_FAILED = 255  # ssh's exit code when the connection failed or was lost
+SETTLE_CHECKS, SETTLE_DELAY = 10, 0.02  # how long a closed channel's transport gets to tell it stopped
+SSH_EXIT_WAIT = 2.0  # seconds an ssh child whose output ended gets to exit and tell why
 
 
 class ExtensionAwareSftpClient(paramiko.SFTPClient):
@@ -145,6 +149,27 @@ def channel_is_closed(client: paramiko.SFTPClient) -> bool:
     if isinstance(channel, PipeChannel):
         return channel.has_ended()
     return bool(getattr(channel, "closed", False) or getattr(channel, "eof_received", False))
+
+
+def connection_is_lost(client: paramiko.SFTPClient, ended: bool = False) -> bool:
+    """Whether the SSH connection under ``client`` is gone (not just its SFTP channel): paramiko's
+    transport has stopped, or the ``ssh`` child under a ``PipeChannel`` exited with ssh's own error code
+    255 (a remote subsystem that ends makes ssh exit with the subsystem's code instead).
+
+    ``ended``: the channel just ended (EOF), so an ``ssh`` child is given a moment to exit and tell why."""
+    channel = client.get_channel()
+    if isinstance(channel, PipeChannel):
+        return channel.lost_connection(SSH_EXIT_WAIT if ended else 0)
+    transport = channel.get_transport() if channel is not None else None
+    if transport is None:
+        return True
+    if channel.closed or channel.eof_received:
+        # paramiko's transport thread closes the channels just before it marks itself inactive
+        for _ in range(SETTLE_CHECKS):
+            if not transport.is_active():
+                return True
+            time.sleep(SETTLE_DELAY)
+    return not transport.is_active()
 
 
 class StatusReply:
@@ -285,6 +310,19 @@ class PipeChannel:
     def has_ended(self) -> bool:
         """Whether the ``ssh`` child has exited."""
         return self._process.poll() is not None
+
+    def lost_connection(self, wait: float = 0) -> bool:
+        """Whether the ``ssh`` child exited because its connection failed (ssh's exit code 255), given
+        ``wait`` seconds to exit (it closes its pipes just before)."""
+        if wait:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._process.wait(timeout=wait)
+        return self._process.poll() == SSH_CONNECTION_FAILED
+
+    def abort(self) -> None:
+        """Kill the child at once (its connection is dead: nothing more is to be said on it)."""
+        with contextlib.suppress(OSError):
+            self._process.kill()
 
     def close(self) -> None:
         """End the child: close its pipes, then wait briefly, then kill it."""

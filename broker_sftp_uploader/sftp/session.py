@@ -37,6 +37,7 @@ from broker_sftp_uploader.sftp.paramiko_internals import (
     STATUS_OP_UNSUPPORTED,
     StatusReply,
     channel_is_closed,
+    connection_is_lost,
     plain_rename,
     posix_rename,
     send_write,
@@ -110,15 +111,60 @@ class ServerTraits:
         return METHOD_RENAME_OVERWRITES if self.rename_overwrites else METHOD_DELETE_THEN_RENAME
 
 
+class LinkHealth:
+    """Whether one connection still works, shared by all its sessions: a dead connection is dead.
+
+    The first request that times out, or finds the SSH connection gone, marks it dead: the failing
+    session's error is the run's message, ``on_dead`` ends the connection at once (a thread blocked on
+    it wakes up), and every later SFTP action on it fails at once without a request. No cleanup is tried
+    on a dead connection: the journal keeps the temp names for the next run, as after a kill. On a
+    partition the run thus ends after one ``SFTP.TIMEOUT``, not one per remaining request.
+    """
+
+    def __init__(self, where: str, on_dead: Callable[[], None] | None = None) -> None:
+        self.where = where
+        self.on_dead = on_dead
+        self._lock = threading.Lock()
+        self.failure: str | None = None  # why the connection is dead; None while it works
+        self.failed_once = False  # a request failed on it: a later loss is no loss "while idle"
+
+    def mark_dead(self, why: str) -> bool:
+        """Mark the connection dead because of ``why`` (its first failure only); end it.
+
+        :returns: whether this call marked it (False: it was dead already).
+        """
+        with self._lock:
+            if self.failure is not None:
+                return False
+            self.failure = why
+        logger.warning("the connection to %s is lost (%s): the run's remaining SFTP actions fail at once, "
+                       "its partial uploads are removed by the next run", self.where, why)
+        if self.on_dead is not None:
+            with deferred():
+                self.on_dead()
+        return True
+
+    def check(self) -> None:
+        """Fail at once when the connection is dead.
+
+        :raises SftpError: it is dead, naming its first failure.
+        """
+        if self.failure is not None:
+            raise SftpError(f"the connection to {self.where} was lost ({self.failure}); not done in this "
+                            "run")
+
+
 class SftpSession:
     """An open SFTP channel on the configured folder; use it from one thread at a time."""
 
     def __init__(self, client: paramiko.SFTPClient, folder: str, where: str, *,
                  journal: PartialsJournal | None = None, traits: ServerTraits | None = None,
                  stop: threading.Event | None = None,
-                 reopen: Callable[[], paramiko.SFTPClient] | None = None):
+                 reopen: Callable[[], paramiko.SFTPClient] | None = None,
+                 health: LinkHealth | None = None):
         """``reopen`` opens another SFTP channel on the same SSH connection, for when this one is closed
-        under us (None: a closed channel stays closed)."""
+        under us (None: a closed channel stays closed); ``health`` is the connection's, shared by its
+        sessions."""
         self.client = client
         self.folder = folder
         self.where = where
@@ -126,6 +172,8 @@ class SftpSession:
         self.traits = traits or ServerTraits.of(client)
         self.stop = stop
         self.reopen = reopen
+        self.health = health or LinkHealth(where)
+        self._fatal: BaseException | None = None  # the failure of this session that killed the connection
 
     def close(self) -> None:
         """Close the channel (idempotent)."""
@@ -149,12 +197,14 @@ class SftpSession:
         :raises SftpError: the transfer or the rename failed; the temp file is then removed.
         :raises TransferStopped: ``stop`` was set; the temp file is then removed.
         """
+        self.health.check()
         final = self._remote(name)
         temp_name = f".{name}.part-{secrets.token_hex(6)}"
         temp = self._remote(temp_name)
-        if self.journal is not None:  # before the remote file exists, so a kill -9 can't hide it
-            self.journal.add(temp_name)
         try:
+            if self.journal is not None:  # before the remote file exists, so a kill -9 can't hide it
+                with deferred():  # an interrupt right after it still finds the name to take out again
+                    self.journal.add(temp_name)
             written = self._transfer(source, temp, progress)
             with deferred():
                 stored = self.client.stat(temp).st_size
@@ -165,6 +215,7 @@ class SftpSession:
                 self._rename_over(temp, final)
                 self._verify_rename(temp, name, written)
         except FAILURES as error:
+            self._note_failure(error)
             self._reopen_if_closed(error)
             self._discard(temp_name)
             raise SftpError(f"upload of {name} to {self.where} failed: {reason(error)}") from None
@@ -198,7 +249,11 @@ class SftpSession:
             with deferred():
                 while in_flight:
                     in_flight.popleft().wait(sftp).raise_unless_ok(sftp)
-        except BaseException:
+        except BaseException as error:
+            if isinstance(error, FAILURES):
+                self._note_failure(error)
+            if self.health.failure is not None:
+                raise  # nothing more is said on a dead connection: the next run removes the temp file
             with deferred():
                 try:
                     for reply in in_flight:  # the server must be done with them before the file goes
@@ -217,6 +272,7 @@ class SftpSession:
         :returns: whether a file was there to delete.
         :raises SftpError: the server refused the deletion.
         """
+        self.health.check()
         sftp = self.client
         try:
             with deferred():
@@ -226,14 +282,32 @@ class SftpSession:
                 logger.info("%s was already gone from %s", name, self.where)
             return False
         except FAILURES as error:
+            self._note_failure(error)
             self._reopen_if_closed(error)
             raise SftpError(f"cannot delete {name} on {self.where}: {reason(error)}") from None
         return True
 
+    def _note_failure(self, error: BaseException) -> None:
+        """After a failed request: a timeout, or an SSH connection found gone, marks the connection dead.
+
+        :raises SftpError: it was dead already (another session's failure came first): its message.
+        """
+        if error is self._fatal:
+            return
+        self.health.failed_once = True
+        self.health.check()
+        ended = isinstance(error, EOFError) or channel_is_closed(self.client)
+        if isinstance(error, TimeoutError) or connection_is_lost(self.client, ended):
+            if self.health.mark_dead(reason(error)):
+                self._fatal = error
+            else:
+                self.health.check()
+
     def _reopen_if_closed(self, error: BaseException) -> None:
         """After a failed request: if the server closed this SFTP channel while the SSH connection lives,
-        open a new channel so that the session's next actions go on (counted in the traits)."""
-        if self.reopen is None or not channel_is_closed(self.client):
+        open a new channel so that the session's next actions go on (counted in the traits). A dead
+        connection is left alone (``health``)."""
+        if self.reopen is None or self.health.failure is not None or not channel_is_closed(self.client):
             return
         try:
             with deferred():
@@ -350,10 +424,12 @@ class SftpSession:
 
         :raises SftpError: the folder cannot be listed.
         """
+        self.health.check()
         try:
             with deferred():
                 listing = self.client.listdir_attr(self.folder)
         except FAILURES as error:
+            self._note_failure(error)
             raise SftpError(f"cannot list {self.folder!r} on {self.where}: {reason(error)}") from None
         return {item.filename: item.st_size or 0 for item in listing
                 if item.st_mode is not None and stat.S_ISREG(item.st_mode)}
@@ -384,10 +460,12 @@ class SftpSession:
 
         :raises SftpError: the file cannot be opened or read.
         """
+        self.health.check()
         try:
             with self.client.open(self._remote(name), "rb") as remote:
                 return b"".join(remote.readv([(offset, length)]))
         except FAILURES as error:
+            self._note_failure(error)
             raise SftpError(f"cannot read {name} on {self.where}: {reason(error)}") from None
 
     def remove_leftover_parts(self) -> int:
@@ -411,6 +489,10 @@ class SftpSession:
         return removed
 
     def _discard(self, temp_name: str) -> None:
+        """Remove an upload's temp file and take it out of the journal; on a dead connection (or when the
+        removal fails) it stays in the journal for the next run."""
+        if self.health.failure is not None:
+            return
         try:
             with deferred():
                 self.client.remove(self._remote(temp_name))
@@ -428,6 +510,8 @@ def reason(error: BaseException) -> str:
     """A short cause of an SFTP failure."""
     if isinstance(error, socket.timeout):
         return "timed out"
+    if isinstance(error, EOFError) and not str(error):
+        return "the connection closed"
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
     return str(error) or error.__class__.__name__

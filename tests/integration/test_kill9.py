@@ -32,11 +32,10 @@ from test_resources.crash_scenario import (
     SiteSnapshot,
     broker_completion,
     bundle_content,
-    change_broker,
     crash_and_recover,
     fetch_bundle,
     first_run,
-    prepare_initial_requests,
+    starting_state,
 )
 from test_resources.broker_actors import write_incompressible_file
 from test_resources.sshd import SshdServer
@@ -98,17 +97,11 @@ def scenario(request, sshd, tmp_path_factory):
     generate_key_file(key_path)
     # Short-lived downloads: every run exports C again, and expired exports are removed from disk.
     with BrokerEmulator(data_dir=base / "broker-data", download_lifetime=60.0) as broker:
-        initial = prepare_initial_requests(broker.url)
-        scenario = Scenario(broker.url, sshd, key_path, request.param, None, initial, {})
-        template = scenario.new_site(base / "template", "template")
-        first = template.sync()
-        assert first.returncode == 0, f"the initial sync failed: {first.stderr}"
-        scenario.snapshot = SiteSnapshot.take(template)
-        shutil.rmtree(template.remote)
-
+        scenario = Scenario(broker.url, sshd, key_path, request.param, None, None, {})
         large_result = base / "large-result.bin"
         write_incompressible_file(large_result, LARGE_RESULT_MIB)
-        scenario.ids = change_broker(broker.url, initial, large_result)
+        scenario.snapshot, scenario.ids = starting_state(
+            broker.url, scenario.new_site(base / "template", "template"), large_result)
         reported = {request_id: broker_completion(broker.url, request_id)
                     for request_id in scenario.ids.expected_completions()}
         assert reported == scenario.ids.expected_completions(), "the broker reports other completions"

@@ -201,6 +201,15 @@ def test_load_config_concurrency_and_transport_set(tmp_path):
     assert (config.broker.concurrency, config.sftp.parallel_uploads, config.sftp.transport) == (4, 1, "openssh")
 
 
+def test_load_config_keepalive_defaults_to_30_seconds_and_0_turns_it_off(tmp_path):
+    assert load_config(write(tmp_path, ORIGINAL)).sftp.keepalive == 30
+    for given, expected in (("0", 0), ("45", 45), ('"15"', 15)):
+        text = ORIGINAL.replace('FOLDERNAME = "rki"', f'FOLDERNAME = "rki"\nKEEPALIVE = {given}')
+        assert load_config(write(tmp_path, text)).sftp.keepalive == expected
+    text = ORIGINAL.replace('FOLDERNAME = "rki"', 'FOLDERNAME = "rki"\nKEEPALIVE = 2.5')
+    assert problems_of(write(tmp_path, text)) == ["SFTP.KEEPALIVE: expected a whole number, got a number"]
+
+
 def test_load_config_concurrency_and_transport_problems_all_reported(tmp_path):
     text = ORIGINAL.replace(API_KEY_LINE, f'{API_KEY_LINE}\nCONCURRENCY = 0').replace(
         'FOLDERNAME = "rki"', 'FOLDERNAME = "rki"\nPARALLEL_UPLOADS = 10\nTRANSPORT = "scp"')

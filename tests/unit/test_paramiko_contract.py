@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ast
 import inspect
+import socket
+import subprocess
 import textwrap
 from pathlib import Path
 
@@ -215,6 +217,45 @@ def test_the_version_reply_keeps_the_servers_extensions(tmp_path):
     with sftp_server.sftp_client(tmp_path, "-P", "posix-rename") as client:  # denied: left out of the list
         assert "posix-rename@openssh.com" not in server_extensions(client)
         assert "hardlink@openssh.com" in server_extensions(client)
+
+
+@pytest.mark.parametrize(("code", "lost"), [(255, True), (0, False), (1, False)])
+def test_an_ssh_child_lost_its_connection_only_when_it_exits_with_255(code, lost):
+    """ssh exits 255 for its own failures (a dead connection), else with the remote subsystem's code."""
+    from broker_sftp_uploader.sftp.paramiko_internals import PipeChannel, connection_is_lost
+
+    process = subprocess.Popen(["sh", "-c", f"exit {code}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    channel = PipeChannel(process, 5)
+    process.wait()
+
+    class Client:  # what connection_is_lost asks of an SFTPClient
+        def get_channel(self):
+            return channel
+
+    assert connection_is_lost(Client()) is lost
+    channel.close()
+
+
+def test_a_transport_that_stopped_is_a_lost_connection():
+    """connection_is_lost asks a Channel for its Transport and that Transport whether it is active."""
+    from broker_sftp_uploader.sftp.paramiko_internals import connection_is_lost
+
+    left, right = socket.socketpair()
+    transport = paramiko.Transport(left)
+
+    class Channel:  # a paramiko Channel's face: closed, eof_received, get_transport()
+        closed = eof_received = False
+
+        def get_transport(self):
+            return transport
+
+    class Client:
+        def get_channel(self):
+            return Channel()
+
+    assert connection_is_lost(Client())  # a transport never started is not active
+    transport.close()
+    right.close()
 
 
 def version_reply(*pairs: bytes, version: int = 3) -> bytes:
