@@ -1,20 +1,25 @@
-"""Where cron users feel it: `sync` against a one-call-at-a-time baseline, and big results against OpenSSH.
+"""Where cron users feel it: `sync` against the original script's way of working, and big results against OpenSSH.
 
-One command, one table; every ratio is measured in the same run on the same machine:
+Every figure is measured in back-to-back pairs on the same machine, the tool and its reference one right
+after the other (the order alternating from pair to pair), ``--repeats`` pairs each (default 3); the tables
+give the minimum, median and maximum of each side and of the per-pair ratio, the CPU time (user + sys) of
+each side's processes, and the CPU steal the machine showed meanwhile (from /proc/stat), so a reader can
+judge the noise. The figures:
 
-1. a no-change run with N = 30, 300, 3000 tagged requests, against a baseline client that makes the same
-   broker calls one after the other with a new connection each, as the original script does;
-2. the first sync of 100 new small results, against the same baseline (export, download, Fernet,
-   SFTP upload, one request after the other);
-3. one large result (1 MiB … 1 GiB): end-to-end payload MiB/s of `sync` (start-up and connect kept,
-   the broker's bundle build left out) over OpenSSH's `sftp -b` uploading the same size to the same
-   sshd, with the peak RSS of `sync`. Both transports when ``--transports`` names them.
+1. a no-change run with N = 30, 300, 3000 tagged requests, against a reference client that makes the same
+   broker calls as the original script: one after the other, a new connection each;
+2. the first sync of 100 new small results, against the same reference (export, download, Fernet in
+   memory, paramiko's ``putfo``, one request after the other, one SFTP login);
+3. one large result (1 MiB … 1 GiB): end-to-end payload MiB/s of `sync` (start-up and connect kept, the
+   broker's bundle build left out) over OpenSSH's `sftp -b` putting a file of the same size to the same
+   sshd (start-up and connect kept), with the peak RSS of `sync`; each transport that ``--transports`` names.
 
-The broker emulator runs in this process with TCP_NODELAY (as Jetty) and ``--latency`` added to every
-response; the sshd is a real OpenSSH on 127.0.0.1. Needs root (the sshd's users).
+Both sides of a pair start a new interpreter or program and log in anew. The broker emulator runs in this
+process with TCP_NODELAY (as Jetty) and ``--latency`` added to every response; the sshd is a real OpenSSH
+on 127.0.0.1. Needs root (the sshd's users). Run it on a quiet machine (no test run meanwhile).
 
-    python benchmarks/bench_runs.py                       # the full table (a few minutes)
-    python benchmarks/bench_runs.py --counts 30,300 --sizes 1M,64M --first-sync 20
+    python benchmarks/bench_runs.py                       # every figure (about 15 minutes)
+    python benchmarks/bench_runs.py --counts 30,300 --sizes 1M,64M --first-sync 20 --repeats 1
 """
 
 from __future__ import annotations
@@ -22,12 +27,16 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import platform
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,15 +50,23 @@ from test_resources.sshd import SshdServer
 MIB = 1024 * 1024
 UNITS = {"K": 1024, "M": MIB, "G": 1024 * MIB}
 NODE = actors.NODE1_KEY
+API_KEY = actors.ADMIN_KEY
+
+# The targets (issue "Step 7"): speed-ups over the original for the no-change runs (by N) and the first
+# sync, ratios to `sftp -b` for 512 MiB (by transport), and the peak RSS of any `sync`.
+NO_CHANGE_TARGETS = {300: 7.0, 3000: 13.0}
+FIRST_SYNC_TARGET = 6.0
+LARGE_TARGETS = {("512M", "paramiko"): 0.45, ("512M", "openssh"): 0.6}
+RSS_TARGET_MIB = 100.0
 
 # The original script's way of working, reduced to its calls: a new connection per call, every call
 # in turn, each result read whole, Fernet.encrypt in memory, paramiko's putfo.
-BASELINE = r'''
+ORIGINAL = r'''
 import sys, time, xml.etree.ElementTree as ET
 import requests
 url, key, ledger_path, mode = sys.argv[1:5]
 NS = "{http://aktin.org/ns/exchange}"
-headers = {"Authorization": "Bearer xxxAdmin1234"}
+headers = {"Authorization": "Bearer %s" % key}
 requests.head(url + "/broker/status", timeout=60).raise_for_status()
 listing = requests.get(url + "/broker/request/filtered", headers={**headers, "Accept": "application/xml"},
                        params={"type": "application/vnd.aktin.query.request+xml", "predicate": "//tag='rki'"},
@@ -82,21 +99,6 @@ if todo:
     client.close()
 '''
 
-
-def parse_size(text: str) -> int:
-    return int(text[:-1]) * UNITS[text[-1].upper()] if text[-1].upper() in UNITS else int(text)
-
-
-def run(command: list[str], cwd: Path) -> tuple[float, float]:
-    """Run a child to completion; return (seconds, 0.0). It must exit 0."""
-    started = time.monotonic()
-    child = subprocess.run(command, cwd=cwd, capture_output=True, check=False)
-    seconds = time.monotonic() - started
-    if child.returncode != 0:
-        raise RuntimeError(f"{command[:4]} exited {child.returncode}: {child.stderr.decode()[-2000:]}")
-    return seconds, 0.0
-
-
 # Runs the CLI and reports the peak RSS of its own address space (VmHWM): unlike ru_maxrss, which keeps
 # what the forking parent had resident, VmHWM starts afresh at exec.
 PEAK_PROBE = (
@@ -110,17 +112,80 @@ PEAK_PROBE = (
 )
 
 
-def run_measured(arguments: list[str], cwd: Path) -> tuple[float, float]:
-    """Run the CLI with ``arguments``; return (seconds, its peak RSS in MiB). It must exit 0."""
-    started = time.monotonic()
-    child = subprocess.run([sys.executable, "-c", PEAK_PROBE, *arguments], cwd=cwd, capture_output=True,
-                           text=True, check=False)
-    seconds = time.monotonic() - started
-    if child.returncode != 0:
-        raise RuntimeError(f"{arguments} exited {child.returncode}: {child.stderr[-2000:]}")
-    peak = int(child.stderr.strip().splitlines()[-1].split("=")[1]) / 1024
-    return seconds, peak
+def parse_size(text: str) -> int:
+    """Bytes in ``text`` (``64M``, ``1G``, ``4096``)."""
+    return int(text[:-1]) * UNITS[text[-1].upper()] if text[-1].upper() in UNITS else int(text)
 
+
+# ---- one run, its CPU time and the machine's steal --------------------------------------------------------
+
+@dataclass
+class Sample:
+    """One run: wall seconds, CPU seconds (user + sys of the process and the children it waited for),
+    and the peak RSS in MiB when the run reported it."""
+
+    seconds: float
+    cpu: float
+    rss: float | None = None
+
+
+def run_child(command: list[str], cwd: Path) -> Sample:
+    """Run ``command`` to completion; it must exit 0.
+
+    The CPU time is what this process's waited-for children used meanwhile: the child and every process it
+    waited for (the `ssh` children of `sync` and `sftp`). A line ``PEAK_RSS_KIB=n`` on its stderr (from
+    ``PEAK_PROBE``) gives the peak RSS.
+    """
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.monotonic()
+    child = subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False)
+    seconds = time.monotonic() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if child.returncode != 0:
+        raise RuntimeError(f"{command[:4]} exited {child.returncode}: {child.stderr[-2000:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    lines = child.stderr.strip().splitlines()
+    rss = int(lines[-1].split("=")[1]) / 1024 if lines and lines[-1].startswith("PEAK_RSS_KIB=") else None
+    return Sample(seconds, cpu, rss)
+
+
+def cpu_counters() -> list[int]:
+    """The machine's CPU time counters (jiffies: user, nice, system, idle, iowait, irq, softirq, steal …)."""
+    with open("/proc/stat") as handle:
+        return [int(value) for value in handle.readline().split()[1:]]
+
+
+def steal_percent(before: list[int], after: list[int]) -> float:
+    """The share of the machine's CPU time that the hypervisor gave to others between two readings."""
+    spent = [late - early for early, late in zip(before, after)]
+    return 100.0 * spent[7] / max(1, sum(spent))
+
+
+@dataclass
+class Pair:
+    """One back-to-back pair: the tool's run, the reference's, and the steal during both."""
+
+    tool: Sample
+    reference: Sample
+    steal: float
+
+
+def measure_pairs(repeats: int, tool: Callable[[], Sample], reference: Callable[[], Sample]) -> list[Pair]:
+    """``repeats`` pairs, the tool first in the even pairs and the reference first in the odd ones."""
+    pairs = []
+    for number in range(repeats):
+        before = cpu_counters()
+        if number % 2 == 0:
+            tool_sample = tool()
+            reference_sample = reference()
+        else:
+            reference_sample = reference()
+            tool_sample = tool()
+        pairs.append(Pair(tool_sample, reference_sample, steal_percent(before, cpu_counters())))
+    return pairs
+
+
+# ---- the scenarios -------------------------------------------------------------------------------------
 
 class Site:
     """A working dir, key and config for `sync`, pointing at the emulator and a fresh remote folder."""
@@ -137,7 +202,7 @@ class Site:
         self.config.write_text(f"""\
 [BROKER]
 URL = "{broker.url}"
-API_KEY = "xxxAdmin1234"
+API_KEY = "{API_KEY}"
 [REQUESTS]
 TAG = "rki"
 [SFTP]
@@ -156,11 +221,15 @@ WORKING_DIR = "state"
         self.config.chmod(0o600)
         self.ledger = self.root / "state" / "status.xml"
 
-    def sync_command(self) -> list[str]:
-        return [sys.executable, "-m", "broker_sftp_uploader", "sync", "-c", str(self.config)]
+    def sync_command(self, prefix: tuple[str, ...] = ()) -> list[str]:
+        """`sync` on this site, through ``PEAK_PROBE`` (``prefix``: a profiler to run it under)."""
+        return [*prefix, sys.executable, "-c", PEAK_PROBE, "sync", "-c", str(self.config)]
 
-    def baseline_command(self, broker: BrokerEmulator, sshd: SshdServer, mode: str) -> list[str]:
-        return [sys.executable, "-c", BASELINE, broker.url, "xxxAdmin1234", str(self.ledger), mode,
+    def run_sync(self, prefix: tuple[str, ...] = ()) -> Sample:
+        return run_child(self.sync_command(prefix), self.root)
+
+    def original_command(self, broker: BrokerEmulator, sshd: SshdServer, mode: str) -> list[str]:
+        return [sys.executable, "-c", ORIGINAL, broker.url, API_KEY, str(self.ledger), mode,
                 str(self.key), sshd.host, str(sshd.port), sshd.password_user, sshd.password, self.folder]
 
     def write_ledger(self, completions: dict[str, str]) -> None:
@@ -172,83 +241,215 @@ WORKING_DIR = "state"
         self.ledger.write_bytes(data)
         (self.root / "state" / "status.xml.uploaded-sha256").write_text(hashlib.sha256(data).hexdigest() + "\n")
 
+    def clear_remote(self) -> None:
+        shutil.rmtree(self.remote, ignore_errors=True)
 
-def median_of(repeats: int, measure) -> float:
-    return statistics.median(measure() for _ in range(repeats))
+
+@dataclass
+class Figure:
+    """A measured figure: its pairs, how to read them (a speed-up in seconds, or a rate ratio), its target."""
+
+    work: str
+    pairs: list[Pair]
+    target: float | None
+    payload: int = 0  # bytes moved per run, for the rate figures
+    tool_seconds: list[float] = field(default_factory=list)  # the tool's seconds that count (export left out)
+
+    def ratios(self) -> list[float]:
+        """Per pair: the reference's seconds over the tool's (a speed-up, or the tool's rate over the
+        reference's)."""
+        return [pair.reference.seconds / tool for pair, tool in zip(self.pairs, self.tool_seconds)]
 
 
-def bench_no_change(count: int, scratch: Path, sshd: SshdServer, latency: float, repeats: int) -> tuple:
+def no_change(count: int, scratch: Path, sshd: SshdServer, latency: float, repeats: int) -> Figure:
+    """A run that finds every one of ``count`` requests unchanged, against the original making its calls."""
     with BrokerEmulator(data_dir=scratch / f"broker-nc-{count}") as broker:
         ids = [str(actors.create_request(broker.url, "rki")) for _ in range(count)]
-        for other in range(max(1, count // 10)):  # some untagged requests, as on a real broker
+        for _ in range(max(1, count // 10)):  # some untagged requests, as on a real broker
             actors.create_request(broker.url, "default")
         site = Site(scratch, broker, sshd, f"nochange-{count}")
         site.write_ledger({request_id: "0.0" for request_id in ids})
         broker.latency = latency
-        ours = median_of(repeats, lambda: run(site.sync_command(), site.root)[0])
-        baseline = median_of(repeats, lambda: run(site.baseline_command(broker, sshd, "ledger"), site.root)[0])
+        pairs = measure_pairs(repeats, site.run_sync,
+                              lambda: run_child(site.original_command(broker, sshd, "ledger"), site.root))
         assert not any(site.remote.iterdir()), "a no-change run uploaded something"
-    return f"no-change run, N = {count}", baseline, ours
+    return Figure(f"no-change run, N = {count}", pairs, NO_CHANGE_TARGETS.get(count),
+                  tool_seconds=[pair.tool.seconds for pair in pairs])
 
 
-def bench_first_sync(count: int, scratch: Path, sshd: SshdServer, latency: float) -> tuple:
+def add_small_results(broker: BrokerEmulator, count: int) -> None:
+    """Add ``count`` completed requests tagged rki to ``broker``, each with a 2 KiB result."""
+    for _ in range(count):
+        request_id = actors.create_request(broker.url, "rki")
+        actors.put_result(broker.url, NODE, request_id, os.urandom(2048), content_type="application/octet-stream")
+        actors.post_status(broker.url, NODE, request_id, "completed")
+
+
+def first_sync(count: int, scratch: Path, sshd: SshdServer, latency: float, repeats: int) -> Figure:
+    """The first run over ``count`` new small results (a new site and remote folder each time), against the
+    original exporting, encrypting and uploading them one by one."""
+    sites = iter(range(2 * repeats))
+
+    def ours() -> Sample:
+        site = Site(scratch, broker, sshd, f"first-ours-{next(sites)}")
+        sample = site.run_sync()
+        assert len(list(site.remote.glob("export_*.zip"))) == count
+        site.clear_remote()
+        return sample
+
+    def original() -> Sample:
+        site = Site(scratch, broker, sshd, f"first-original-{next(sites)}")
+        sample = run_child(site.original_command(broker, sshd, "fresh"), site.root)
+        assert len(list(site.remote.glob("export_*.zip"))) == count
+        site.clear_remote()
+        return sample
+
     with BrokerEmulator(data_dir=scratch / "broker-first") as broker:
-        for _ in range(count):
-            request_id = actors.create_request(broker.url, "rki")
-            actors.put_result(broker.url, NODE, request_id, os.urandom(2048), content_type="application/octet-stream")
-            actors.post_status(broker.url, NODE, request_id, "completed")
+        add_small_results(broker, count)
         broker.latency = latency
-        ours_site = Site(scratch, broker, sshd, "first-ours")
-        ours = run(ours_site.sync_command(), ours_site.root)[0]
-        assert len(list(ours_site.remote.glob("export_*.zip"))) == count
-        base_site = Site(scratch, broker, sshd, "first-baseline")
-        baseline = run(base_site.baseline_command(broker, sshd, "fresh"), base_site.root)[0]
-        assert len(list(base_site.remote.glob("export_*.zip"))) == count
-    return f"first sync of {count} new small results", baseline, ours
+        pairs = measure_pairs(repeats, ours, original)
+    return Figure(f"first sync of {count} new small results", pairs, FIRST_SYNC_TARGET if count == 100 else None,
+                  tool_seconds=[pair.tool.seconds for pair in pairs])
 
 
 def make_result(path: Path, size: int) -> None:
+    """A file of ``size`` random bytes (incompressible, like an encrypted or zipped result)."""
     block = os.urandom(MIB)
     with open(path, "wb") as handle:
         handle.writelines(block[: min(MIB, size - offset)] for offset in range(0, size, MIB))
 
 
-def openssh_upload_seconds(sshd: SshdServer, source: Path, folder: str, scratch: Path) -> float:
-    """Seconds for OpenSSH's sftp -b to put ``source`` (key login; start-up and connect included)."""
-    batch = scratch / "batch"
+def sftp_put(sshd: SshdServer, source: Path, folder: str, work: Path) -> Sample:
+    """OpenSSH's ``sftp -b`` putting ``source`` into ``folder`` (key login; start-up and connect kept)."""
+    batch = work / "batch"
     batch.write_text(f"put {source} {folder}/openssh-reference.bin\n")
-    known = scratch / "known_hosts_ref"
+    known = work / "known_hosts_reference"
     known.write_text(f"[{sshd.host}]:{sshd.port} {sshd.host_public_key_line}\n")
     command = ["sftp", "-q", "-b", str(batch), "-P", str(sshd.port), "-i", str(sshd.client_key_path),
                "-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes",
                "-o", "BatchMode=yes", f"{sshd.key_user}@{sshd.host}"]
-    seconds, _ = run(command, scratch)
-    return seconds
+    return run_child(command, work)
 
 
-def bench_large(size_text: str, scratch: Path, sshd: SshdServer, transport: str) -> tuple:
-    size = parse_size(size_text)
-    work = scratch / f"large-{size_text}-{transport}"
-    work.mkdir()
-    result = work / "result.bin"
-    make_result(result, size)
-    extra = "" if transport == "paramiko" else f'TRANSPORT = "{transport}"'
-    with BrokerEmulator(data_dir=work / "broker") as broker:
-        request_id = actors.create_request(broker.url, "rki")
-        actors.put_result(broker.url, NODE, request_id, result, content_type="application/octet-stream")
-        actors.post_status(broker.url, NODE, request_id, "completed")
-        site = Site(work, broker, sshd, "site", extra)
-        seconds, rss = run_measured(["sync", "-c", str(site.config)], site.root)
-        seconds -= sum(broker.export_seconds)  # the broker's bundle build is not ours to speed up
-        uploaded = site.remote / f"export_{request_id}.zip"
-        payload = uploaded.stat().st_size
-    token = work / "token.bin"
-    shutil.copyfile(uploaded, token)
-    reference = openssh_upload_seconds(sshd, token, site.folder, work)
-    ours_rate, reference_rate = payload / MIB / seconds, payload / MIB / reference
-    shutil.rmtree(site.remote, ignore_errors=True)
-    shutil.rmtree(work, ignore_errors=True)
-    return size_text, transport, ours_rate, reference_rate, rss
+class LargeResult:
+    """One request with a large result on a started emulator; ``sync`` sends it to a new folder each time."""
+
+    def __init__(self, size_text: str, scratch: Path, sshd: SshdServer, transport: str):
+        self.size_text, self.sshd, self.transport = size_text, sshd, transport
+        self.work = scratch / f"large-{size_text}-{transport}"
+        self.work.mkdir()
+        result = self.work / "result.bin"
+        make_result(result, parse_size(size_text))
+        self.broker = BrokerEmulator(data_dir=self.work / "broker").start()
+        self.request_id = actors.create_request(self.broker.url, "rki")
+        actors.put_result(self.broker.url, NODE, self.request_id, result, content_type="application/octet-stream")
+        actors.post_status(self.broker.url, NODE, self.request_id, "completed")
+        result.unlink()
+        self.runs = 0
+        self.payload = 0
+        self.token = self.work / "token.bin"
+        self.counted: list[float] = []  # the seconds of each sync less the bundle build
+
+    def run_sync(self, prefix: tuple[str, ...] = ()) -> Sample:
+        """`sync` on a new site; the emulator's bundle build is not counted in ``counted``."""
+        self.runs += 1
+        extra = "" if self.transport == "paramiko" else f'TRANSPORT = "{self.transport}"'
+        site = Site(self.work, self.broker, self.sshd, f"site-{self.runs}", extra)
+        self.broker.export_seconds.clear()
+        sample = site.run_sync(prefix)
+        self.counted.append(sample.seconds - sum(self.broker.export_seconds))
+        uploaded = site.remote / f"export_{self.request_id}.zip"
+        self.payload = uploaded.stat().st_size
+        if not self.token.exists():  # the reference sends as many bytes
+            shutil.move(uploaded, self.token)
+        site.clear_remote()
+        return sample
+
+    def run_reference(self) -> Sample:
+        if not self.token.exists():  # the first pair begins with sync, which leaves the token
+            raise RuntimeError("the reference needs the size of a token: run sync first")
+        folder = f"bench-reference-{self.size_text}-{self.transport}"
+        remote = self.sshd.folder(folder)
+        sample = sftp_put(self.sshd, self.token, folder, self.work)
+        shutil.rmtree(remote, ignore_errors=True)
+        return sample
+
+    def close(self) -> None:
+        self.broker.stop()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def large(size_text: str, scratch: Path, sshd: SshdServer, transport: str, repeats: int) -> Figure:
+    """One large result's `sync` against `sftp -b` of the same size, ``repeats`` pairs."""
+    scenario = LargeResult(size_text, scratch, sshd, transport)
+    try:
+        pairs = measure_pairs(repeats, scenario.run_sync, scenario.run_reference)
+    finally:
+        scenario.close()
+    return Figure(f"{size_text} {transport}", pairs, LARGE_TARGETS.get((size_text, transport)),
+                  payload=scenario.payload, tool_seconds=scenario.counted)
+
+
+# ---- the report ----------------------------------------------------------------------------------------
+
+def spread(values: list[float], digits: int = 2) -> str:
+    """``min / median / max`` of ``values``."""
+    low, middle, high = min(values), statistics.median(values), max(values)
+    return f"{low:.{digits}f} / {middle:.{digits}f} / {high:.{digits}f}"
+
+
+def verdict(figure: Figure) -> str:
+    """Whether the median per-pair ratio reaches the target (with the target)."""
+    if figure.target is None:
+        return "–"
+    met = statistics.median(figure.ratios()) >= figure.target
+    unit = "x" if figure.payload == 0 else ""
+    return f"≥ {figure.target:g}{unit}: {'met' if met else 'NOT met'}"
+
+
+def cpu_model() -> str:
+    with open("/proc/cpuinfo") as handle:
+        for line in handle:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def print_report(args: argparse.Namespace, speedups: list[Figure], rates: list[Figure], steal: float,
+                 minutes: float) -> None:
+    print(f"{os.cpu_count()} cores ({cpu_model()}), Python {platform.python_version()}; broker latency "
+          f"{args.latency * 1000:.0f} ms per response; {args.repeats} back-to-back pair(s) per figure; "
+          f"CPU steal over the whole run {steal:.0f} %, {minutes:.1f} min")
+    print("min / median / max of each; CPU: user + sys seconds of the side's processes (median)")
+    if speedups:
+        print()
+        print("| work | original s | ours s | speed-up per pair | target | CPU original / ours s | "
+              "peak RSS MiB | steal % |")
+        print("|---|---:|---:|---:|---|---:|---:|---:|")
+        for figure in speedups:
+            pairs = figure.pairs
+            print(f"| {figure.work} | {spread([p.reference.seconds for p in pairs])} | "
+                  f"{spread(figure.tool_seconds)} | {spread(figure.ratios(), 1)} | {verdict(figure)} | "
+                  f"{statistics.median(p.reference.cpu for p in pairs):.2f} / "
+                  f"{statistics.median(p.tool.cpu for p in pairs):.2f} | "
+                  f"{max(p.tool.rss or 0 for p in pairs):.0f} | {spread([p.steal for p in pairs], 0)} |")
+    if rates:
+        print()
+        print("| result, transport | ours MiB/s | sftp -b MiB/s | ratio per pair | target | "
+              "CPU sftp / ours s | peak RSS MiB | steal % |")
+        print("|---|---:|---:|---:|---|---:|---:|---:|")
+        for figure in rates:
+            pairs, mebibytes = figure.pairs, figure.payload / MIB
+            print(f"| {figure.work} | {spread([mebibytes / s for s in figure.tool_seconds], 0)} | "
+                  f"{spread([mebibytes / p.reference.seconds for p in pairs], 0)} | {spread(figure.ratios())} | "
+                  f"{verdict(figure)} | {statistics.median(p.reference.cpu for p in pairs):.2f} / "
+                  f"{statistics.median(p.tool.cpu for p in pairs):.2f} | "
+                  f"{max(p.tool.rss or 0 for p in pairs):.0f} | {spread([p.steal for p in pairs], 0)} |")
+    peaks = [p.tool.rss for figure in speedups + rates for p in figure.pairs if p.tool.rss is not None]
+    if peaks:
+        print()
+        print(f"peak RSS of any sync: {max(peaks):.0f} MiB (target ≤ {RSS_TARGET_MIB:.0f}: "
+              f"{'met' if max(peaks) <= RSS_TARGET_MIB else 'NOT met'})")
 
 
 def main() -> int:
@@ -258,35 +459,24 @@ def main() -> int:
     parser.add_argument("--sizes", default="1M,64M,512M,1G", help="large result sizes (K, M, G)")
     parser.add_argument("--transports", default="paramiko,openssh", help="SFTP.TRANSPORT values to measure")
     parser.add_argument("--latency", type=float, default=0.020, help="seconds added to every broker response")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per no-change measurement (median)")
+    parser.add_argument("--repeats", type=int, default=3, help="back-to-back pairs per figure")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="bsu-bench-", dir="/var/tmp"))
     scratch.chmod(0o755)
-    speedups, large = [], []
+    speedups, rates = [], []
+    started, counters = time.monotonic(), cpu_counters()
     try:
         with SshdServer(scratch / "sshd") as sshd:
             for count in filter(None, args.counts.split(",")):
-                speedups.append(bench_no_change(int(count), scratch, sshd, args.latency, args.repeats))
+                speedups.append(no_change(int(count), scratch, sshd, args.latency, args.repeats))
             if args.first_sync:
-                speedups.append(bench_first_sync(args.first_sync, scratch, sshd, args.latency))
+                speedups.append(first_sync(args.first_sync, scratch, sshd, args.latency, args.repeats))
             for size_text in filter(None, args.sizes.split(",")):
                 for transport in filter(None, args.transports.split(",")):
-                    large.append(bench_large(size_text, scratch, sshd, transport))
+                    rates.append(large(size_text, scratch, sshd, transport, args.repeats))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    print(f"broker latency {args.latency * 1000:.0f} ms per response; {os.cpu_count()} cores")
-    print()
-    print("| work | baseline s | ours s | speed-up |")
-    print("|---|---:|---:|---:|")
-    for work, baseline, ours in speedups:
-        print(f"| {work} | {baseline:.2f} | {ours:.2f} | {baseline / ours:.1f}x |")
-    if large:
-        print()
-        print("| result | transport | ours MiB/s | OpenSSH sftp -b MiB/s | ratio | peak RSS MiB |")
-        print("|---:|---|---:|---:|---:|---:|")
-        for size_text, transport, ours_rate, reference_rate, rss in large:
-            print(f"| {size_text} | {transport} | {ours_rate:.0f} | {reference_rate:.0f} | "
-                  f"{ours_rate / reference_rate:.2f} | {rss:.0f} |")
+    print_report(args, speedups, rates, steal_percent(counters, cpu_counters()), (time.monotonic() - started) / 60)
     return 0
 
 

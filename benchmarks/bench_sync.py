@@ -70,7 +70,7 @@ def measure(size: int, sshd: SshdServer, scratch: Path) -> list[tuple[str, float
         (work / "settings.toml").write_text(f"""\
 [BROKER]
 URL = "{broker.url}"
-API_KEY = "xxxAdmin1234"
+API_KEY = "{actors.ADMIN_KEY}"
 [REQUESTS]
 TAG = "rki"
 [SFTP]

@@ -9,6 +9,7 @@ goes out (cron mails it) with exit code 1.
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import logging
 import sys
@@ -439,4 +440,7 @@ def decrypt(key_files: tuple[Path, ...], output: Path | None, output_dir: Path |
 
 def main() -> None:
     """Console-script entry point."""
+    # What the imports made lives as long as the process: kept out of the cyclic garbage collector, its
+    # passes skip it, the last one at exit too (about 0.07 s of a short run; see the README's Benchmarks).
+    gc.freeze()
     cli(prog_name="broker-sftp-uploader")

@@ -32,11 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-import pybase64
 from cryptography.exceptions import InvalidSignature
 from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives import hashes, hmac, padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+try:  # the optional "fast" extra: the same bytes as the standard library's, in one SIMD pass
+    from pybase64 import urlsafe_b64encode
+except ImportError:  # the project's stack alone
+    from base64 import urlsafe_b64encode
 
 from broker_sftp_uploader.state.atomic import atomic_write, fsync_directory, private_temp_file
 from broker_sftp_uploader.config import read_bounded_file, warn_if_exposed
@@ -190,14 +194,14 @@ class StreamEncryptor:
     def _encode(self, raw: bytes) -> bytes:
         """Base64-encode whole 3-byte groups of the pending bytes plus ``raw``; keep the remainder.
 
-        pybase64 gives the same bytes as ``base64.urlsafe_b64encode`` with SIMD code in one pass: the
-        standard library's encoder and its second pass for the url-safe alphabet were the largest cost
-        of an upload, more than the AES and the HMAC (see the README's Benchmarks).
+        With the optional ``fast`` extra, pybase64 gives the same bytes as ``base64.urlsafe_b64encode``
+        with SIMD code in one pass: the standard library's encoder and its second pass for the url-safe
+        alphabet were the largest cost of an upload, more than the AES and the HMAC (README, Benchmarks).
         """
         raw = self._pending + raw
         cut = len(raw) - len(raw) % 3
         self._pending = raw[cut:]
-        return pybase64.urlsafe_b64encode(raw[:cut])
+        return urlsafe_b64encode(raw[:cut])
 
     def update(self, data: bytes) -> bytes:
         """Encrypt the next plaintext piece; return the next token bytes (possibly empty)."""
@@ -215,7 +219,7 @@ class StreamEncryptor:
         tail = self._cipher.update(self._padder.finalize()) + self._cipher.finalize()
         self._mac.update(tail)
         out = self._encode(tail + self._mac.digest())
-        return out + pybase64.urlsafe_b64encode(self._pending)
+        return out + urlsafe_b64encode(self._pending)
 
 
 def encrypt_stream(key: bytes, source: BinaryIO, target: BinaryIO, chunk_size: int = CHUNK_SIZE) -> int:
@@ -262,7 +266,8 @@ class EncryptingReader:
             self._fill()
         if n is None or n < 0:
             n = len(self._buffer)
-        out = bytes(self._buffer[:n])
+        with memoryview(self._buffer) as buffered:  # one copy, where a slice of the bytearray makes two
+            out = bytes(buffered[:n])
         del self._buffer[:n]
         return out
 

@@ -296,7 +296,8 @@ class _Site:
                 size = encrypted_size(result.size) if result.size is not None else None
                 if size is not None and size <= SMALL_RESULT:
                     return self._upload(session, request_id, file_name, encrypting, size)
-                with Prefetcher(encrypting) as token_stream:
+                # Pieces of one SFTP write each: the writer takes them as they are, copying nothing.
+                with Prefetcher(encrypting, piece_size=session.write_size) as token_stream:
                     return self._upload(session, request_id, file_name, token_stream, size)
 
     def _upload(self, session: SftpSession, request_id: str, file_name: str, token: BinaryIO,

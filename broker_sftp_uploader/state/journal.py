@@ -69,7 +69,13 @@ class PartialsJournal:
             raise ValueError(f"not a temp name: {name!r}")
         with self._lock:
             self._names.append(name)
-            self._append(f"+{name}\n", durable=True)
+            flushing = os.dup(self._append(f"+{name}\n"))
+        # Flushed outside the lock (through a descriptor of its own, which ``close`` cannot take away), so
+        # that parallel uploads share the disk's flushes instead of queueing for them.
+        try:
+            os.fdatasync(flushing)
+        finally:
+            os.close(flushing)
 
     def discard(self, name: str) -> None:
         """Forget ``name``: the temp file was renamed into place or removed.
@@ -82,17 +88,17 @@ class PartialsJournal:
                 return
             self._names.remove(name)
             if self._names:
-                self._append(f"-{name}\n", durable=False)
+                self._append(f"-{name}\n")
             else:
                 self._clear()
 
-    def _append(self, line: str, durable: bool) -> None:
+    def _append(self, line: str) -> int:
+        """Append ``line`` (under the lock); return the file's descriptor."""
         if self._fd is None:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
                                0o600)
         os.write(self._fd, line.encode())
-        if durable:
-            os.fdatasync(self._fd)
+        return self._fd
 
     def _clear(self) -> None:
         if self._fd is not None:
