@@ -154,7 +154,6 @@ def _remote_view(config: Config, entries: Mapping[str, LedgerEntry], verify: boo
     # paramiko is imported only by a status that connects
     from broker_sftp_uploader.sftp.readonly_login import sftp_without_recording
     from broker_sftp_uploader.broker.client import broker_client
-    from broker_sftp_uploader.sftp.session import SftpSession
 
     deadline = config.run_deadline()
     tag = config.broker.tag
@@ -172,14 +171,7 @@ def _remote_view(config: Config, entries: Mapping[str, LedgerEntry], verify: boo
         files = visit.folder_session().list_sizes()
         proof = None
         if verify:
-            connection, folder = visit.connection, config.sftp.folder
-
-            def open_session() -> SftpSession:
-                session = connection.open_session()
-                session.folder = folder  # the visit's connection opens nothing in FOLDERNAME itself
-                return session
-
-            proof = prove_delivery(keys, files_to_prove(entries, files), open_session,
+            proof = prove_delivery(keys, files_to_prove(entries, files), visit.open_folder_session,
                                    config.sftp.parallel_uploads, Cancellation(deadline, _out_of_time))
     return RemoteView(tag, len(listing), plan, config.sftp.folder, len(files), compare_remote(entries, files),
                       proof)

@@ -18,7 +18,6 @@ import errno
 import logging
 import random
 import socket
-import threading
 import time
 from collections.abc import Callable
 from typing import BinaryIO
@@ -32,7 +31,7 @@ from broker_sftp_uploader.interrupts import deferred
 from broker_sftp_uploader.state.journal import PartialsJournal
 from broker_sftp_uploader.sftp.paramiko_internals import connection_is_lost, open_sftp_channel
 from broker_sftp_uploader.sftp.session import FAILURES as _FAILURES
-from broker_sftp_uploader.sftp.session import LinkHealth, ServerTraits, SftpSession
+from broker_sftp_uploader.sftp.session import LinkHealth, ServerTraits, SftpSession, StopSignal
 from broker_sftp_uploader.sftp.session import reason as _reason
 from broker_sftp_uploader.sftp.ssh_keys import (
     KnownHosts,
@@ -258,7 +257,7 @@ class SftpConnection:
         self.close()
         self.connect(self.deadline)
 
-    def open_session(self, stop: threading.Event | None = None) -> SftpSession:
+    def open_session(self, stop: StopSignal | None = None) -> SftpSession:
         """Another SFTP session (channel) of this connection, for a worker thread; close it after use.
 
         :raises SftpError: the server refused another channel.

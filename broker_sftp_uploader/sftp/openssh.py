@@ -34,7 +34,7 @@ from broker_sftp_uploader.errors import SftpError
 from broker_sftp_uploader.interrupts import deferred
 from broker_sftp_uploader.sftp.connection import SftpConnection, _ConnectFailure
 from broker_sftp_uploader.sftp.paramiko_internals import PipeChannel, sftp_over_pipe
-from broker_sftp_uploader.sftp.session import LinkHealth, SftpSession
+from broker_sftp_uploader.sftp.session import LinkHealth, SftpSession, StopSignal
 from broker_sftp_uploader.sftp.ssh_keys import known_hosts_bytes, load_known_hosts
 
 logger = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ class OpensshConnection(SftpConnection):
             return _ConnectFailure(line[:200])
         return SftpError(f"cannot connect to SFTP server {server} with ssh: {line[:200]}")
 
-    def open_session(self, stop: threading.Event | None = None) -> SftpSession:
+    def open_session(self, stop: StopSignal | None = None) -> SftpSession:
         """Another SFTP session: another ``ssh`` child (another login)."""
         if self._main is None:
             raise SftpError(f"not connected to {self.where}")

@@ -48,6 +48,17 @@ class SftpVisit:
         main = self.connection.main
         return SftpSession(main.client, self.settings.folder, self.connection.where)
 
+    def open_folder_session(self) -> SftpSession:
+        """Another session (SFTP channel) on FOLDERNAME, for a worker thread; close it after use.
+
+        :raises SftpError: the server refused another channel.
+        """
+        if self.connection is None:
+            raise self.error or UploaderError("not connected")
+        session = self.connection.open_session()
+        session.folder = self.settings.folder  # the visit logged in without opening FOLDERNAME
+        return session
+
 
 @contextlib.contextmanager
 def sftp_without_recording(config: Config, deadline: float) -> Iterator[SftpVisit]:

@@ -23,7 +23,7 @@ import stat
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import paramiko
 
@@ -61,6 +61,12 @@ READ_WINDOW = 1024 * 1024  # bytes asked for at once when a file is read back (s
 # What a failed exchange raises: socket errors, timeouts and the server's refusals (OSError), protocol
 # errors (SSHException), a dropped connection (EOFError).
 FAILURES = (OSError, paramiko.SSHException, EOFError)
+
+
+class StopSignal(Protocol):
+    """What stops an upload between two writes: a ``threading.Event``, or the run's ``Cancellation``."""
+
+    def is_set(self) -> bool: ...
 
 
 class TransferStopped(Exception):
@@ -165,7 +171,7 @@ class SftpSession:
 
     def __init__(self, client: paramiko.SFTPClient, folder: str, where: str, *,
                  journal: PartialsJournal | None = None, traits: ServerTraits | None = None,
-                 stop: threading.Event | None = None,
+                 stop: StopSignal | None = None,
                  reopen: Callable[[], paramiko.SFTPClient] | None = None,
                  health: LinkHealth | None = None):
         """``reopen`` opens another SFTP channel on the same SSH connection, for when this one is closed
