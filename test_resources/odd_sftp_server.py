@@ -10,7 +10,10 @@ extension). Each is one way a receiver's server treats the requests a sync sends
 * ``copying-rename``: RENAME copies the file and leaves the source name behind;
 * ``refusing-rename``: RENAME onto an existing name fails ("File already exists");
 * ``overwriting-rename``: RENAME replaces an existing name;
-* ``truncating-rename``: RENAME replaces, and the file loses its last byte (a broken or hostile server).
+* ``truncating-rename``: RENAME replaces, and the file loses its last byte (a broken or hostile server);
+* ``short-write``: every WRITE is acknowledged, but its last byte is not stored (a full or broken disk);
+* ``lagging-stat``: the first STAT of each temp name (``.<name>.part-…``) answers 0 bytes, as from a
+  server that handled it before the CLOSE sent just ahead of it was done; later STATs are true.
 
 The server runs in a child process (``OddSftpServer``, a ``ServerProcess``), so its changes to
 asyncssh's handler stay there; every request of interest is logged in ``log_path`` as
@@ -32,7 +35,7 @@ from test_resources.password_sftp import PasswordSftpServer
 from test_resources.server_process import ServerUnavailable
 
 BEHAVIOURS = ("stock", "close-on-unknown-extension", "copying-rename", "refusing-rename",
-              "overwriting-rename", "truncating-rename")
+              "overwriting-rename", "truncating-rename", "short-write", "lagging-stat")
 POSIX_RENAME = b"posix-rename@openssh.com"
 READY = "odd-sftp-server listening on"
 
@@ -145,6 +148,21 @@ def _serve(port: int, root: Path, host_key: Path, behaviour: str, password: str)
                 raise sftp.SFTPFailure("File already exists")
             else:
                 os.rename(old, new)
+
+        def write(self, file_obj, offset: int, data: bytes) -> int:
+            if behaviour == "short-write" and data:
+                super().write(file_obj, offset, data[:-1])
+                return len(data)
+            return super().write(file_obj, offset, data)
+
+        def stat(self, path: bytes):
+            _log(f"REQUEST STAT {path.decode(errors='replace')}")
+            if behaviour == "lagging-stat" and b".part-" in path and path not in stats_seen:
+                stats_seen.add(path)
+                return sftp.SFTPAttrs(type=sftp.FILEXFER_TYPE_REGULAR, size=0, permissions=0o100600)
+            return super().stat(path)
+
+    stats_seen: set[bytes] = set()
 
     class Logins(asyncssh.SSHServer):
         def begin_auth(self, username: str) -> bool:

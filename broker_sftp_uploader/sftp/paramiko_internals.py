@@ -1,14 +1,17 @@
 """Every use of paramiko's private API, in this one module: pipelined writes, exact status codes, SFTP
 over an ``ssh`` child's pipes.
 
-paramiko's public ``SFTPClient`` lacks three things the uploads need. It forgets which extensions the
+paramiko's public ``SFTPClient`` lacks four things the uploads need. It forgets which extensions the
 server offered (``posix-rename@openssh.com`` must be sent only to a server that offers it: some answer
 an unknown extended request by closing the SFTP channel). Its exceptions keep only the
 server's text, which differs between servers for one status ("Operation unsupported" from OpenSSH,
 "Unsupported operation" from ProFTPD), so the status code itself is needed to tell an unsupported
-extension or an existing target from other refusals. And ``SFTPFile.write`` sends 32 KiB requests and
+extension or an existing target from other refusals. ``SFTPFile.write`` sends 32 KiB requests and
 drains every acknowledgement once 100 are pending, where the uploads keep a steady number of large
-writes in flight. Both come from the reply hook that paramiko's own ``SFTPFile`` uses:
+writes in flight. And every public call waits for its reply before the next request goes, where an
+upload sends what does not depend on an answer together (the close after the last write with the
+stat after it; the two checks after a rename), one round trip instead of several. These come from the
+reply hook that paramiko's own ``SFTPFile`` uses:
 
 * ``SFTPClient._async_request(reply, kind, *args)`` sends a request and files ``reply`` under its number;
 * ``SFTPClient._read_response()`` reads one reply and hands it to the object filed for its number, as
@@ -18,9 +21,11 @@ writes in flight. Both come from the reply hook that paramiko's own ``SFTPFile``
   which drops the server's extension list: ``ExtensionAwareSftpClient`` overrides it, speaking the same
   exchange with ``_send_packet(kind, message)`` and ``_read_packet()`` and keeping the list.
 
-The SFTP protocol's numbers (request kinds, status codes, ``int64``) come from ``paramiko.sftp``, which
-paramiko does not document, and a write needs an open file's ``SFTPFile.handle``. ``PipeChannel`` stands
-in for the SSH channel under an ``SFTPClient``: it has exactly the methods paramiko calls on one.
+The SFTP protocol's numbers (request kinds, open flags, status codes, ``int64``) come from
+``paramiko.sftp``, which paramiko does not document; a file's attributes are read from a reply with
+``SFTPAttributes._from_msg(message)``. An upload's file is opened here, not as an ``SFTPFile``, so
+that its handle and its close are ours. ``PipeChannel`` stands in for the SSH channel under an
+``SFTPClient``: it has exactly the methods paramiko calls on one.
 
 No other module of the package touches any of this: ``tests/unit/test_paramiko_contract.py`` checks
 that, and that every name used here still exists, with the shape called, in the installed paramiko.
@@ -34,16 +39,26 @@ import os
 import select
 import subprocess
 import time
+from typing import TypeVar
 
 import paramiko
 from paramiko.sftp import (
+    CMD_ATTRS,
+    CMD_CLOSE,
     CMD_EXTENDED,
+    CMD_HANDLE,
     CMD_INIT,
+    CMD_LSTAT,
+    CMD_OPEN,
     CMD_RENAME,
+    CMD_STAT,
     CMD_STATUS,
     CMD_VERSION,
     CMD_WRITE,
     SFTP_FAILURE,
+    SFTP_FLAG_CREATE,
+    SFTP_FLAG_TRUNC,
+    SFTP_FLAG_WRITE,
     SFTP_OK,
     SFTP_OP_UNSUPPORTED,
     int64,
@@ -65,6 +80,7 @@ POSIX_RENAME = "posix-rename@openssh.com"
 SSH_CONNECTION_FAILED = 255  # ssh's exit code when the connection failed or was lost
 SETTLE_CHECKS, SETTLE_DELAY = 10, 0.02  # how long a closed channel's transport gets to tell it stopped
 SSH_EXIT_WAIT = 2.0  # seconds an ssh child whose output ended gets to exit and tell why
+Reply = TypeVar("Reply", bound="StatusReply")
 
 
 class ExtensionAwareSftpClient(paramiko.SFTPClient):
@@ -173,19 +189,23 @@ def connection_is_lost(client: paramiko.SFTPClient, ended: bool = False) -> bool
 
 
 class StatusReply:
-    """The status a server answers to one SFTP request, with its code.
+    """What a server answers to one SFTP request: its status (and, for ``HandleReply`` and
+    ``AttributesReply``, what the request asked for), with the status code.
 
     ``send`` files the reply with paramiko under the request's number; whichever ``wait`` reads the
-    reply off the channel hands it to its own ``StatusReply`` (replies of several requests in flight
+    reply off the channel hands it to its own reply object (replies of several requests in flight
     arrive in any order relative to the waits).
     """
 
+    answer: int | None = None  # the kind of reply besides a status that the request asks for
+
     def __init__(self) -> None:
+        self.kind: int | None = None
         self.packet: bytes | None = None
 
     @classmethod
-    def send(cls, client: paramiko.SFTPClient, kind: int, *args: object) -> StatusReply:
-        """Send one request of ``kind`` (``CMD_…``); its status is collected by ``wait``.
+    def send(cls: type[Reply], client: paramiko.SFTPClient, kind: int, *args: object) -> Reply:
+        """Send one request of ``kind`` (``CMD_…``); its reply is collected by ``wait``.
 
         :returns: the reply, not yet arrived.
         :raises OSError, EOFError, paramiko.SSHException: the request could not be sent.
@@ -195,53 +215,133 @@ class StatusReply:
         return reply
 
     @classmethod
-    def request(cls, client: paramiko.SFTPClient, kind: int, *args: object) -> StatusReply:
-        """Send one request and wait for its status.
+    def request(cls: type[Reply], client: paramiko.SFTPClient, kind: int, *args: object) -> Reply:
+        """Send one request and wait for its reply.
 
         :returns: the arrived reply (any status: ``raise_unless_ok`` turns a refusal into paramiko's error).
         :raises OSError, EOFError, paramiko.SSHException: the exchange failed.
         """
         return cls.send(client, kind, *args).wait(client)
 
-    def wait(self, client: paramiko.SFTPClient) -> StatusReply:
+    def wait(self: Reply, client: paramiko.SFTPClient) -> Reply:
         """Read replies off ``client`` until this one has arrived.
 
         :returns: self.
-        :raises OSError, paramiko.SSHException: the exchange failed, or the server answered no status.
+        :raises OSError, paramiko.SSHException: the exchange failed, or the server answered another kind
+            of reply than the request asks for.
         """
         while self.packet is None:
-            client._read_response()  # hands each reply to the StatusReply filed for it
+            client._read_response()  # hands each reply to the object filed for it
         return self
 
     def _async_response(self, kind: int, message: paramiko.Message, number: int) -> None:
         """paramiko's hook: the reply to this request has arrived."""
-        if kind != CMD_STATUS:
-            raise paramiko.SSHException(f"expected an SFTP status reply, got packet type {kind}")
+        if kind != CMD_STATUS and kind != self.answer:
+            raise paramiko.SSHException(f"expected an SFTP {'status' if self.answer is None else 'answer'} "
+                                        f"reply, got packet type {kind}")
+        self.kind = kind
         self.packet = message.get_remainder()
+
+    def _arrived(self) -> bytes:
+        if self.packet is None:
+            raise RuntimeError("the reply has not arrived: wait for it first")
+        return self.packet
 
     @property
     def status(self) -> int:
-        """The server's status code (``STATUS_…``; 0 is OK)."""
-        if self.packet is None:
-            raise RuntimeError("the reply has not arrived: wait for it first")
-        return paramiko.Message(self.packet).get_int()
+        """The server's status code (``STATUS_…``; 0 is OK, as is an answer that is not a status)."""
+        packet = self._arrived()
+        return paramiko.Message(packet).get_int() if self.kind == CMD_STATUS else STATUS_OK
 
     def raise_unless_ok(self, client: paramiko.SFTPClient) -> None:
         """Raise what paramiko raises for this status (FileNotFoundError, PermissionError, OSError with
-        the server's text, EOFError); nothing for OK."""
-        if self.packet is None:
-            raise RuntimeError("the reply has not arrived: wait for it first")
-        client._convert_status(paramiko.Message(self.packet))
+        the server's text, EOFError); nothing for OK or an answer that is not a status."""
+        packet = self._arrived()
+        if self.kind == CMD_STATUS:
+            client._convert_status(paramiko.Message(packet))
+
+    def _answer(self, client: paramiko.SFTPClient) -> paramiko.Message:
+        """The answer the request asked for.
+
+        :raises OSError, EOFError: the server refused (as ``raise_unless_ok``).
+        :raises paramiko.SSHException: it answered a bare OK instead.
+        """
+        self.raise_unless_ok(client)
+        if self.kind != self.answer:
+            raise paramiko.SSHException(f"the SFTP server answered OK without the packet type {self.answer} "
+                                        "the request asks for")
+        return paramiko.Message(self._arrived())
 
 
-def send_write(client: paramiko.SFTPClient, remote_file: paramiko.SFTPFile, offset: int,
-               data: bytes) -> StatusReply:
-    """Send a write of ``data`` at ``offset`` into ``remote_file`` (opened on ``client``), not waiting.
+class HandleReply(StatusReply):
+    """The reply to an OPEN: a handle for the requests on the open file."""
+
+    answer = CMD_HANDLE
+
+    def handle(self, client: paramiko.SFTPClient) -> bytes:
+        """The open file's handle.
+
+        :raises OSError, EOFError, paramiko.SSHException: the server refused the open (as paramiko
+            raises it), or answered no handle.
+        """
+        return self._answer(client).get_binary()
+
+
+class AttributesReply(StatusReply):
+    """The reply to a STAT or LSTAT: the file's attributes."""
+
+    answer = CMD_ATTRS
+
+    def attributes(self, client: paramiko.SFTPClient) -> paramiko.SFTPAttributes | None:
+        """The file's attributes; None when the server answered that there is no such file.
+
+        :raises OSError, EOFError, paramiko.SSHException: the server refused otherwise (as paramiko
+            raises it), or answered no attributes.
+        """
+        try:
+            return paramiko.SFTPAttributes._from_msg(self._answer(client))
+        except FileNotFoundError:
+            return None
+
+
+def open_new_file(client: paramiko.SFTPClient, path: str) -> bytes:
+    """Open ``path`` for writing, created or emptied (what ``SFTPClient.open(path, "wb")`` sends).
+
+    :returns: its handle, for ``send_write`` and ``send_close``.
+    :raises OSError, EOFError, paramiko.SSHException: the server refused (as paramiko raises it), or the
+        exchange failed.
+    """
+    flags = SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_TRUNC
+    reply = HandleReply.request(client, CMD_OPEN, path, flags, paramiko.SFTPAttributes())
+    return reply.handle(client)
+
+
+def send_write(client: paramiko.SFTPClient, handle: bytes, offset: int, data: bytes) -> StatusReply:
+    """Send a write of ``data`` at ``offset`` into the file open under ``handle``, not waiting.
 
     :returns: its reply, to ``wait`` for.
     :raises OSError, EOFError, paramiko.SSHException: the request could not be sent.
     """
-    return StatusReply.send(client, CMD_WRITE, remote_file.handle, int64(offset), data)
+    return StatusReply.send(client, CMD_WRITE, handle, int64(offset), data)
+
+
+def send_close(client: paramiko.SFTPClient, handle: bytes) -> StatusReply:
+    """Send the close of the file open under ``handle``, not waiting (after writes still in flight: a server
+    handles the requests on one handle in the order sent).
+
+    :returns: its reply, to ``wait`` for.
+    :raises OSError, EOFError, paramiko.SSHException: the request could not be sent.
+    """
+    return StatusReply.send(client, CMD_CLOSE, handle)
+
+
+def send_stat(client: paramiko.SFTPClient, path: str, follow_links: bool = True) -> AttributesReply:
+    """Send a STAT of ``path`` (an LSTAT when not ``follow_links``), not waiting.
+
+    :returns: its reply, to ``wait`` for.
+    :raises OSError, EOFError, paramiko.SSHException: the request could not be sent.
+    """
+    return AttributesReply.send(client, CMD_STAT if follow_links else CMD_LSTAT, path)
 
 
 def posix_rename(client: paramiko.SFTPClient, old: str, new: str) -> StatusReply:

@@ -9,8 +9,10 @@ then renamed into place, so a receiver never sees a partial file under its final
 pipelined: up to ``MAX_IN_FLIGHT`` requests of ``WRITE_SIZE`` bytes are on their way before the
 oldest acknowledgement is awaited, so client and server work at the same time instead of taking turns
 (paramiko's own ``SFTPFile.write`` sends 32 KiB requests and drains every acknowledgement once 100
-are pending). The requests that paramiko's public API does not offer, and the exact status codes,
-come from ``paramiko_internals.py``.
+are pending). What does not depend on an answer goes together: the close right after the last write,
+with the stat of the file after it; the two checks after the rename. A small upload thus takes four
+round trips (open; write, close and stat; rename; the checks), not seven. The requests that paramiko's
+public API does not offer, and the exact status codes, come from ``paramiko_internals.py``.
 """
 
 from __future__ import annotations
@@ -35,12 +37,16 @@ from broker_sftp_uploader.sftp.paramiko_internals import (
     STATUS_FILE_ALREADY_EXISTS,
     STATUS_OK,
     STATUS_OP_UNSUPPORTED,
+    AttributesReply,
     PipeChannel,
     StatusReply,
     channel_is_closed,
     connection_is_lost,
+    open_new_file,
     plain_rename,
     posix_rename,
+    send_close,
+    send_stat,
     send_write,
     server_extensions,
     server_version,
@@ -218,9 +224,7 @@ class SftpSession:
             if self.journal is not None:  # before the remote file exists, so a kill -9 can't hide it
                 with deferred():  # an interrupt right after it still finds the name to take out again
                     self.journal.add(temp_name)
-            written = self._transfer(source, temp, progress)
-            with deferred():
-                stored = self.client.stat(temp).st_size
+            written, stored = self._transfer(source, temp, progress)
             if stored != written or (size is not None and written != size):
                 raise SftpError(f"upload of {name} to {self.where} stored {stored} of "
                                 f"{written if size is None else size} bytes")
@@ -240,15 +244,27 @@ class SftpSession:
         logger.debug("uploaded %s (%s bytes)", final, written)
         return written
 
-    def _transfer(self, source: BinaryIO, temp: str, progress: Callable[[int], None] | None = None) -> int:
+    def _transfer(self, source: BinaryIO, temp: str,
+                  progress: Callable[[int], None] | None = None) -> tuple[int, int | None]:
         """Copy ``source`` into a new remote file with pipelined writes, at most ``MAX_IN_FLIGHT`` of
-        them unacknowledged; close the file in every outcome."""
+        them unacknowledged; close the file in every outcome.
+
+        The close goes right after the last write and the stat of ``temp`` right after the close, both
+        before any of their replies is awaited: a server handles the requests on one handle in the order
+        sent, and the common servers handle every request but reads and writes one after the other. A
+        stat that answers another size (a server that handled it before the close was done) is asked
+        again once the close is confirmed.
+
+        :returns: the bytes written, and the size the server then holds under ``temp`` (None: no file).
+        """
         sftp = self.client
         with deferred():
-            remote = sftp.open(temp, "wb")
+            handle = open_new_file(sftp, temp)
         in_flight: deque[StatusReply] = deque()
         most_in_flight = MAX_IN_FLIGHT * WRITE_SIZE // self.write_size
         written = 0
+        closing: StatusReply | None = None
+        sized: AttributesReply | None = None
         try:
             while chunk := source.read(self.write_size):
                 if self.stop is not None and self.stop.is_set():
@@ -256,13 +272,21 @@ class SftpSession:
                 with deferred():
                     while len(in_flight) >= most_in_flight:  # the oldest must be done before another goes
                         in_flight.popleft().wait(sftp).raise_unless_ok(sftp)
-                    in_flight.append(send_write(sftp, remote, written, chunk))
+                    in_flight.append(send_write(sftp, handle, written, chunk))
                     written += len(chunk)
                 if progress is not None:
                     progress(len(chunk))
             with deferred():
+                closing = send_close(sftp, handle)
+                sized = send_stat(sftp, temp)
+                for reply in (*in_flight, closing, sized):  # replies may come in any order
+                    reply.wait(sftp)
                 while in_flight:
-                    in_flight.popleft().wait(sftp).raise_unless_ok(sftp)
+                    in_flight.popleft().raise_unless_ok(sftp)
+                closing.raise_unless_ok(sftp)
+                attributes = sized.attributes(sftp)
+                if attributes is None or attributes.st_size != written:
+                    attributes = send_stat(sftp, temp).wait(sftp).attributes(sftp)
         except BaseException as error:
             if isinstance(error, FAILURES):
                 self._note_failure(error)
@@ -272,13 +296,14 @@ class SftpSession:
                 try:
                     for reply in in_flight:  # the server must be done with them before the file goes
                         reply.wait(sftp)
-                    remote.close()
+                    if closing is None:
+                        closing = send_close(sftp, handle)
+                    for reply in (closing, sized or closing):
+                        reply.wait(sftp)
                 except FAILURES:
                     pass  # the original failure is the one to report
             raise
-        with deferred():
-            remote.close()
-        return written
+        return written, None if attributes is None else attributes.st_size
 
     def remove(self, name: str, quiet: bool = False) -> bool:
         """Delete ``FOLDERNAME/name``; a file that is already gone is fine (logged unless ``quiet``).
@@ -346,21 +371,19 @@ class SftpSession:
         :raises OSError, EOFError, paramiko.SSHException: an exchange failed.
         """
         sftp = self.client
-        try:
-            sftp.lstat(temp)
-        except FileNotFoundError:
-            pass
-        else:
+        left = send_stat(sftp, temp, follow_links=False)  # both asked at once: neither changes anything
+        final = send_stat(sftp, self._remote(name))
+        for reply in (left, final):
+            reply.wait(sftp)
+        if left.attributes(sftp) is not None:
             with self.traits.lock:
                 first, self.traits.copying_rename_seen = not self.traits.copying_rename_seen, True
             if first:
                 logger.warning("the server %s left the temp name behind after a RENAME (it copies instead of "
                                "moving): every upload's temp file is removed after its rename", self.where)
             sftp.remove(temp)
-        try:
-            stored = sftp.stat(self._remote(name)).st_size
-        except FileNotFoundError:
-            stored = None
+        attributes = final.attributes(sftp)
+        stored = None if attributes is None else attributes.st_size
         if stored != written:
             found = "no file" if stored is None else f"{stored} bytes"
             raise SftpError(f"upload of {name} to {self.where} failed: after the rename the server holds "

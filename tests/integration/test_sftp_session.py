@@ -33,7 +33,7 @@ from test_resources.proftpd import ProftpdServer
 from tests.integration.test_other_sftp_servers import REJECTED_POSIX_RENAME
 
 # SFTP packet types (draft-ietf-secsh-filexfer-02, section 3).
-WRITE, REMOVE, RENAME, EXTENDED = 6, 13, 18, 200
+OPEN, CLOSE, WRITE, LSTAT, REMOVE, STAT, RENAME, EXTENDED = 3, 4, 6, 7, 13, 17, 18, 200
 
 
 class PacketTypes:
@@ -68,16 +68,26 @@ class CountingChannel(PipeChannel):
         super().__init__(*args, **kwargs)
         self.sent, self.received = PacketTypes(), PacketTypes()
         self.unanswered_at_writes: list[int] = []
+        self.turns: list[list[int]] = []  # the packet types sent between two waits for a reply
 
     def send(self, data: bytes) -> int:
         written = super().send(data)
+        sent_before = len(self.sent.types)
         writes_before = self.sent.types.count(WRITE)
         self.sent.feed(data[:written])
         if self.sent.types.count(WRITE) > writes_before:
             self.unanswered_at_writes.append(len(self.sent.types) - len(self.received.types))
+        if self.turns and self._sending:
+            self.turns[-1] += self.sent.types[sent_before:]
+        else:
+            self.turns.append(self.sent.types[sent_before:])
+        self._sending = True
         return written
 
+    _sending = False
+
     def recv(self, size: int) -> bytes:
+        self._sending = False
         data = super().recv(size)
         self.received.feed(data)
         return data
@@ -106,6 +116,20 @@ def test_writes_in_flight_never_exceed_the_bound(folder, with_progress):
     # Pipelined up to the bound, and never past it (each sent write counted as unanswered at once).
     assert max(channel.unanswered_at_writes) == MAX_IN_FLIGHT
     assert reported == ([WRITE_SIZE] * (3 * MAX_IN_FLIGHT) + [1] if with_progress else [])
+
+
+def test_a_small_upload_takes_four_round_trips(folder):
+    """open; the write, the close and the stat; the rename; the two checks after it: each group sent
+    before any of its replies is awaited."""
+    (folder / "export_1.zip").write_bytes(b"the previous version")
+    with sftp_server.sftp_client(folder, channel_class=CountingChannel) as client:
+        session = SftpSession(client, ".", "sftp-server")
+        channel = client.get_channel()
+        channel.turns.clear()  # after the version exchange
+        assert session.upload(io.BytesIO(b"the new version"), "export_1.zip") == 15
+    assert channel.turns == [[OPEN], [WRITE, CLOSE, STAT], [EXTENDED], [LSTAT, STAT]]
+    assert (folder / "export_1.zip").read_bytes() == b"the new version"
+    assert sorted(path.name for path in folder.iterdir()) == ["export_1.zip"]
 
 
 def test_an_existing_file_is_replaced_by_one_posix_rename(folder):

@@ -41,8 +41,10 @@ def is_private(name: str) -> bool:
 # --- the names used, and their shape ------------------------------------------------------------------------
 
 # paramiko.sftp's names and the values they have in the SFTP protocol (draft-ietf-secsh-filexfer-02).
-PROTOCOL_NUMBERS = {"CMD_INIT": 1, "CMD_VERSION": 2, "CMD_WRITE": 6, "CMD_RENAME": 18, "CMD_STATUS": 101,
-                    "CMD_EXTENDED": 200, "SFTP_OK": 0, "SFTP_FAILURE": 4, "SFTP_OP_UNSUPPORTED": 8}
+PROTOCOL_NUMBERS = {"CMD_INIT": 1, "CMD_VERSION": 2, "CMD_OPEN": 3, "CMD_CLOSE": 4, "CMD_WRITE": 6,
+                    "CMD_LSTAT": 7, "CMD_STAT": 17, "CMD_RENAME": 18, "CMD_STATUS": 101, "CMD_HANDLE": 102,
+                    "CMD_ATTRS": 105, "CMD_EXTENDED": 200, "SFTP_FLAG_WRITE": 0x02, "SFTP_FLAG_CREATE": 0x08,
+                    "SFTP_FLAG_TRUNC": 0x10, "SFTP_OK": 0, "SFTP_FAILURE": 4, "SFTP_OP_UNSUPPORTED": 8}
 # SFTPClient's private methods that paramiko_internals calls, with the parameters it passes.
 PRIVATE_METHODS = {
     "_async_request": ["self", "fileobj", "t", "*args"],  # (reply object, request kind, its arguments)
@@ -80,6 +82,17 @@ def test_the_private_methods_used_take_what_is_passed(name):
     expected = PRIVATE_METHODS[name]
     assert parameters(method) == expected, changed(
         f"SFTPClient.{name} takes ({', '.join(parameters(method))}), not ({', '.join(expected)})")
+
+
+def test_attributes_are_read_from_a_reply_and_packed_into_a_request():
+    """SFTPAttributes._from_msg(message) reads a STAT's answer; _async_request packs an SFTPAttributes
+    argument (the OPEN's empty attributes) with its _pack."""
+    reader = getattr(paramiko.SFTPAttributes, "_from_msg", None)
+    assert callable(reader) and parameters(reader) == ["msg", "filename=None", "longname=None"], changed(
+        "SFTPAttributes._from_msg(msg) is gone or takes other arguments")
+    packs = [call for call in calls_in(paramiko.SFTPClient._async_request)
+             if ast.unparse(call.func) == "item._pack"]
+    assert packs, changed("SFTPClient._async_request no longer packs an SFTPAttributes argument")
 
 
 def calls_in(function) -> list[ast.Call]:
@@ -146,21 +159,36 @@ def test_the_channel_scan_finds_what_paramiko_calls_today():
 
 
 def test_pipelined_writes_land_and_each_reply_reaches_its_own_request(tmp_path):
-    from broker_sftp_uploader.sftp.paramiko_internals import send_write
+    from broker_sftp_uploader.sftp.paramiko_internals import open_new_file, send_close, send_stat, send_write
 
     chunks = [bytes([number]) * 1000 for number in range(5)]
+    (tmp_path / "file").write_bytes(b"an older, longer content to be emptied by the open" * 200)
     with sftp_server.sftp_client(tmp_path) as client:
-        remote = client.open("file", "wb")
-        replies = [send_write(client, remote, 1000 * number, chunk) for number, chunk in enumerate(chunks)]
-        replies[-1].wait(client)  # reads all five replies: each one goes to its own StatusReply
-        arrived = [reply.packet is not None for reply in replies]
-        statuses = [reply.status for reply in replies]
-        for reply in replies:
+        handle = open_new_file(client, "file")
+        replies = [send_write(client, handle, 1000 * number, chunk) for number, chunk in enumerate(chunks)]
+        closing = send_close(client, handle)  # sent behind the writes, before any reply is read
+        sized = send_stat(client, "file")
+        sized.wait(client)  # reads all seven replies (OpenSSH answers in order): each to its own object
+        arrived = [reply.packet is not None for reply in (*replies, closing)]
+        statuses = [reply.status for reply in (*replies, closing, sized)]
+        for reply in (*replies, closing):
             reply.raise_unless_ok(client)
-        remote.close()
-    assert arrived == [True] * 5, changed("a reply did not reach the object filed with its request")
-    assert statuses == [0] * 5
+        size = sized.attributes(client).st_size
+        missing = send_stat(client, "absent", follow_links=False).wait(client).attributes(client)
+    assert arrived == [True] * 6, changed("a reply did not reach the object filed with its request")
+    assert statuses == [0] * 7
+    assert (size, missing) == (5000, None), changed("a STAT's answer is read otherwise")
     assert (tmp_path / "file").read_bytes() == b"".join(chunks), changed("pipelined writes did not land")
+
+
+def test_an_open_the_server_refuses_raises_what_paramiko_raises(tmp_path):
+    from broker_sftp_uploader.sftp.paramiko_internals import open_new_file
+
+    with sftp_server.sftp_client(tmp_path) as client, pytest.raises(FileNotFoundError):
+        open_new_file(client, "no-such-folder/file")
+    with sftp_server.sftp_client(tmp_path, "-R") as client, pytest.raises(PermissionError):
+        open_new_file(client, "file")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_status_codes_and_the_errors_paramiko_raises_for_them(tmp_path):
