@@ -28,6 +28,8 @@ from test_resources import broker_actors as actors
 from test_resources.broker_emulator import BrokerEmulator
 from test_resources.sshd import SshdServer
 
+from bench_runs import as_installed  # the same directory: run as a script
+
 MIB = 1024 * 1024
 UNITS = {"K": 1024, "M": MIB, "G": 1024 * MIB}
 
@@ -104,6 +106,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1M,64M,1G", help="comma-separated result sizes (K, M, G)")
     args = parser.parse_args()
+    as_installed()
     scratch = Path(tempfile.mkdtemp(prefix="bsu-bench-", dir="/var/tmp"))
     scratch.chmod(0o755)
     rows = []

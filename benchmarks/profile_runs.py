@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_runs import LargeResult, Sample, Site, add_small_results, run_child  # noqa: E402
+from bench_runs import LargeResult, Sample, Site, add_small_results, as_installed, run_child  # noqa: E402
 from test_resources.broker_emulator import BrokerEmulator  # noqa: E402
 from test_resources.sshd import SshdServer  # noqa: E402
 
@@ -160,6 +160,7 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=Path("/var/tmp/bsu-profile"),
                         help="folder that keeps py-spy's raw stacks and perf's counts")
     args = parser.parse_args()
+    as_installed()
     scratch = Path(tempfile.mkdtemp(prefix="bsu-profile-", dir="/var/tmp"))
     scratch.chmod(0o755)
     args.output.mkdir(parents=True, exist_ok=True)
