@@ -181,15 +181,17 @@ class StreamEncryptor:
         iv = os.urandom(_BLOCK) if iv is None else iv
         if len(iv) != _BLOCK:
             raise ValueError("iv must be 16 bytes")
-        self._padder = padding.PKCS7(128).padder()
+        # CBC without a padder: the cipher holds back a partial block itself, and the PKCS7 padding is
+        # added at the end from the plaintext's length (a padder copies every piece once more).
         self._cipher = Cipher(algorithms.AES(encryption_key), modes.CBC(iv)).encryptor()
+        self._plain_size = 0
         # The standard library's HMAC-SHA256 (OpenSSL's, through hashlib) lets other threads run while it
         # hashes, unlike cryptography's: an upload's SSH encryption goes on meanwhile.
         self._mac = stdlib_hmac.new(signing_key, digestmod=hashlib.sha256)
         self._finished = False
         header = bytes([_VERSION]) + timestamp.to_bytes(8, "big") + iv
         self._mac.update(header)
-        self._pending = header  # raw token bytes not yet base64-encoded
+        self._pending = bytearray(header)  # raw token bytes not yet base64-encoded
 
     def _encode(self, raw: bytes) -> bytes:
         """Base64-encode whole 3-byte groups of the pending bytes plus ``raw``; keep the remainder.
@@ -198,16 +200,20 @@ class StreamEncryptor:
         with SIMD code in one pass: the standard library's encoder and its second pass for the url-safe
         alphabet were the largest cost of an upload, more than the AES and the HMAC (README, Benchmarks).
         """
-        raw = self._pending + raw
-        cut = len(raw) - len(raw) % 3
-        self._pending = raw[cut:]
-        return urlsafe_b64encode(raw[:cut])
+        pending = self._pending
+        pending += raw  # the one copy: the groups are encoded from it in place, and dropped from its front
+        cut = len(pending) - len(pending) % 3
+        with memoryview(pending) as groups:
+            text = urlsafe_b64encode(groups[:cut])
+        del pending[:cut]
+        return text
 
     def update(self, data: bytes) -> bytes:
         """Encrypt the next plaintext piece; return the next token bytes (possibly empty)."""
         if self._finished:
             raise ValueError("finalize() was already called")
-        ciphertext = self._cipher.update(self._padder.update(data))
+        self._plain_size += len(data)
+        ciphertext = self._cipher.update(data)
         self._mac.update(ciphertext)
         return self._encode(ciphertext)
 
@@ -216,10 +222,11 @@ class StreamEncryptor:
         if self._finished:
             raise ValueError("finalize() was already called")
         self._finished = True
-        tail = self._cipher.update(self._padder.finalize()) + self._cipher.finalize()
+        pad = _BLOCK - self._plain_size % _BLOCK  # PKCS7: 1 to 16 bytes, each holding the count
+        tail = self._cipher.update(bytes([pad]) * pad) + self._cipher.finalize()
         self._mac.update(tail)
         out = self._encode(tail + self._mac.digest())
-        return out + urlsafe_b64encode(self._pending)
+        return out + urlsafe_b64encode(bytes(self._pending))
 
 
 def encrypt_stream(key: bytes, source: BinaryIO, target: BinaryIO, chunk_size: int = CHUNK_SIZE) -> int:
