@@ -58,11 +58,6 @@ logger = logging.getLogger(__name__)
 # OpenSSH's sftp-server takes messages of up to 256 KiB; a write's header needs a few dozen bytes.
 WRITE_SIZE = 255 * 1024
 MAX_IN_FLIGHT = 16  # writes sent and not yet acknowledged, at most: 4 MiB
-# Over paramiko's own SSH connection a write leaves in 32 KiB SSH packets, and paramiko copies what is
-# left of the write after each packet: writes of two packets, more of them in flight (the same 4 MiB),
-# cost a fifth less CPU per upload than 255 KiB ones (see the README's Benchmarks). Over an ``ssh``
-# child's pipe a write goes in one piece, so the large writes stay.
-CHANNEL_WRITE_SIZE = 64 * 1024 - 64
 READ_WINDOW = 1024 * 1024  # bytes asked for at once when a file is read back (status --verify)
 # What a failed exchange raises: socket errors, timeouts and the server's refusals (OSError), protocol
 # errors (SSHException), a dropped connection (EOFError).
@@ -189,7 +184,7 @@ class SftpSession:
         self.journal = journal
         self.traits = traits or ServerTraits.of(client)
         self.stop = stop
-        self.write_size = WRITE_SIZE if isinstance(client.get_channel(), PipeChannel) else CHANNEL_WRITE_SIZE
+        self.write_size = WRITE_SIZE  # the pieces an upload's source is best read in
         self.reopen = reopen
         self.health = health or LinkHealth(where)
         self._fatal: BaseException | None = None  # the failure of this session that killed the connection
@@ -261,7 +256,6 @@ class SftpSession:
         with deferred():
             handle = open_new_file(sftp, temp)
         in_flight: deque[StatusReply] = deque()
-        most_in_flight = MAX_IN_FLIGHT * WRITE_SIZE // self.write_size
         written = 0
         closing: StatusReply | None = None
         sized: AttributesReply | None = None
@@ -270,7 +264,7 @@ class SftpSession:
                 if self.stop is not None and self.stop.is_set():
                     raise TransferStopped()
                 with deferred():
-                    while len(in_flight) >= most_in_flight:  # the oldest must be done before another goes
+                    while len(in_flight) >= MAX_IN_FLIGHT:  # the oldest must be done before another goes
                         in_flight.popleft().wait(sftp).raise_unless_ok(sftp)
                     in_flight.append(send_write(sftp, handle, written, chunk))
                     written += len(chunk)

@@ -118,6 +118,20 @@ def test_writes_in_flight_never_exceed_the_bound(folder, with_progress):
     assert reported == ([WRITE_SIZE] * (3 * MAX_IN_FLIGHT) + [1] if with_progress else [])
 
 
+def test_large_writes_over_paramikos_own_channel_land_whole(sshd, tmp_path):
+    """Writes of 255 KiB, framed by send_write and cut into SSH packets from a memoryview, many in flight:
+    every byte lands in order, over a real OpenSSH."""
+    folder = sshd.folder("large-writes")
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(f"[{sshd.host}]:{sshd.port} {sshd.host_public_key_line}\n")
+    settings = SftpSettings(host=sshd.host, port=sshd.port, username=sshd.password_user, password=sshd.password,
+                            timeout=10, folder="large-writes", known_hosts=known_hosts)
+    content = os.urandom(3 * MAX_IN_FLIGHT * WRITE_SIZE + 12345)
+    with SftpConnection(settings) as connection:
+        assert connection.upload(io.BytesIO(content), "export_1.zip", len(content)) == len(content)
+    assert (folder / "export_1.zip").read_bytes() == content
+
+
 def test_a_small_upload_takes_four_round_trips(folder):
     """open; the write, the close and the stat; the rename; the two checks after it: each group sent
     before any of its replies is awaited."""

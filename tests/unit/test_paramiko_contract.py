@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import os
 import socket
 import subprocess
 import textwrap
@@ -54,6 +55,7 @@ PRIVATE_METHODS = {
     "_send_version": ["self"],
     "_send_packet": ["self", "t", "packet"],
     "_read_packet": ["self"],
+    "_write_all": ["self", "out"],  # send_write hands its own framed packet to it
 }
 
 
@@ -82,6 +84,21 @@ def test_the_private_methods_used_take_what_is_passed(name):
     expected = PRIVATE_METHODS[name]
     assert parameters(method) == expected, changed(
         f"SFTPClient.{name} takes ({', '.join(parameters(method))}), not ({', '.join(expected)})")
+
+
+def test_a_write_is_numbered_and_filed_as_paramiko_files_its_own_requests():
+    """send_write frames a WRITE itself: it takes the number under SFTPClient._lock from request_number,
+    files its reply in _expecting under it (where _read_response looks it up) and counts on, exactly as
+    _async_request does."""
+    setup = inspect.getsource(paramiko.SFTPClient.__init__)
+    for assigned in ("self.request_number = 1", "self._lock = threading.Lock()", "self._expecting = "):
+        assert assigned in setup, changed(f"SFTPClient.__init__ no longer sets {assigned.split(' =')[0]}")
+    numbering = inspect.getsource(paramiko.SFTPClient._async_request)
+    for step in ("self._lock.acquire()", "msg.add_int(self.request_number)", "num = self.request_number",
+                 "self._expecting[num] = fileobj", "self.request_number += 1"):
+        assert step in numbering, changed(f"SFTPClient._async_request no longer does {step}")
+    lookup = inspect.getsource(paramiko.SFTPClient._read_response)
+    assert "self._expecting[num]" in lookup, changed("_read_response no longer finds a reply in _expecting")
 
 
 def test_attributes_are_read_from_a_reply_and_packed_into_a_request():
@@ -161,7 +178,7 @@ def test_the_channel_scan_finds_what_paramiko_calls_today():
 def test_pipelined_writes_land_and_each_reply_reaches_its_own_request(tmp_path):
     from broker_sftp_uploader.sftp.paramiko_internals import open_new_file, send_close, send_stat, send_write
 
-    chunks = [bytes([number]) * 1000 for number in range(5)]
+    chunks = [bytes([number]) * 1000 for number in range(4)] + [os.urandom(200_000)]  # one of many pipe reads
     (tmp_path / "file").write_bytes(b"an older, longer content to be emptied by the open" * 200)
     with sftp_server.sftp_client(tmp_path) as client:
         handle = open_new_file(client, "file")
@@ -177,7 +194,7 @@ def test_pipelined_writes_land_and_each_reply_reaches_its_own_request(tmp_path):
         missing = send_stat(client, "absent", follow_links=False).wait(client).attributes(client)
     assert arrived == [True] * 6, changed("a reply did not reach the object filed with its request")
     assert statuses == [0] * 7
-    assert (size, missing) == (5000, None), changed("a STAT's answer is read otherwise")
+    assert (size, missing) == (204_000, None), changed("a STAT's answer is read otherwise")
     assert (tmp_path / "file").read_bytes() == b"".join(chunks), changed("pipelined writes did not land")
 
 
