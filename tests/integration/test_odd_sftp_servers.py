@@ -5,7 +5,8 @@ posix-rename), rclone's (``rclone serve sftp``, Debian, Go), asyncssh's (PyPI, P
 with Green End's gesftpserver (Debian, C; no OpenSSH code on either side). And our own misbehaving
 server (``test_resources/odd_sftp_server.py``, on asyncssh's server side), told to close the SFTP
 channel on an unknown extension, to copy on RENAME, to refuse or to allow a RENAME onto an existing
-name, or to truncate the file it renames. None of the latter offers posix-rename@openssh.com.
+name, to truncate the file it renames, to store writes a byte short, or to answer a temp file's first
+STAT with 0 bytes. None of the latter offers posix-rename@openssh.com.
 
 The whole story runs on each: a first sync, a changed request replaced, a deleted one removed, an idle
 rerun, `check`, which must name the rename method a sync uses there, and `status --remote --verify`,
