@@ -128,6 +128,8 @@ def _serve(port: int, root: Path, host_key: Path, behaviour: str, password: str)
     handler._packet_handlers = handlers
     handler._process_packet = logged_process
 
+    stats_seen: set[bytes] = set()  # lagging-stat: the temp names whose first STAT was answered
+
     class Files(asyncssh.SFTPServer):
         def __init__(self, channel):
             super().__init__(channel, chroot=str(root))
@@ -161,8 +163,6 @@ def _serve(port: int, root: Path, host_key: Path, behaviour: str, password: str)
                 stats_seen.add(path)
                 return sftp.SFTPAttrs(type=sftp.FILEXFER_TYPE_REGULAR, size=0, permissions=0o100600)
             return super().stat(path)
-
-    stats_seen: set[bytes] = set()
 
     class Logins(asyncssh.SSHServer):
         def begin_auth(self, username: str) -> bool:

@@ -24,7 +24,7 @@ reply hook that paramiko's own ``SFTPFile`` uses:
   which drops the server's extension list: ``ExtensionAwareSftpClient`` overrides it, speaking the same
   exchange with ``_send_packet(kind, message)`` and ``_read_packet()`` and keeping the list.
 
-The SFTP protocol's numbers (request kinds, open flags, status codes, ``int64``) come from
+The SFTP protocol's numbers (request kinds, open flags, status codes) come from
 ``paramiko.sftp``, which paramiko does not document; a file's attributes are read from a reply with
 ``SFTPAttributes._from_msg(message)``. An upload's file is opened here, not as an ``SFTPFile``, so
 that its handle and its close are ours. ``PipeChannel`` stands in for the SSH channel under an
@@ -65,7 +65,6 @@ from paramiko.sftp import (
     SFTP_FLAG_WRITE,
     SFTP_OK,
     SFTP_OP_UNSUPPORTED,
-    int64,
 )
 
 # Status codes (SFTP v3 draft, section 7). FILE_ALREADY_EXISTS is from SFTP v5, which paramiko does not
@@ -85,6 +84,9 @@ SSH_CONNECTION_FAILED = 255  # ssh's exit code when the connection failed or was
 SETTLE_CHECKS, SETTLE_DELAY = 10, 0.02  # how long a closed channel's transport gets to tell it stopped
 SSH_EXIT_WAIT = 2.0  # seconds an ssh child whose output ended gets to exit and tell why
 Reply = TypeVar("Reply", bound="StatusReply")
+# A WRITE as send_write frames it: length, type, request number, handle length; then offset and data length.
+_WRITE_HEADER = struct.Struct(">IBII")
+_OFFSET_AND_LENGTH = struct.Struct(">QI")
 
 
 class ExtensionAwareSftpClient(paramiko.SFTPClient):
@@ -341,10 +343,6 @@ def send_write(client: paramiko.SFTPClient, handle: bytes, offset: int, data: by
               + _OFFSET_AND_LENGTH.pack(offset, len(data)) + data)
     client._write_all(memoryview(packet))
     return reply
-
-
-_WRITE_HEADER = struct.Struct(">IBII")  # packet length, type, request number, handle length
-_OFFSET_AND_LENGTH = struct.Struct(">QI")
 
 
 def send_close(client: paramiko.SFTPClient, handle: bytes) -> StatusReply:

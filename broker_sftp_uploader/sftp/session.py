@@ -38,7 +38,6 @@ from broker_sftp_uploader.sftp.paramiko_internals import (
     STATUS_OK,
     STATUS_OP_UNSUPPORTED,
     AttributesReply,
-    PipeChannel,
     StatusReply,
     channel_is_closed,
     connection_is_lost,
@@ -290,10 +289,10 @@ class SftpSession:
                 try:
                     for reply in in_flight:  # the server must be done with them before the file goes
                         reply.wait(sftp)
-                    if closing is None:
-                        closing = send_close(sftp, handle)
-                    for reply in (closing, sized or closing):
-                        reply.wait(sftp)
+                    closing = closing or send_close(sftp, handle)
+                    closing.wait(sftp)
+                    if sized is not None:  # sent with the close: its reply comes as well
+                        sized.wait(sftp)
                 except FAILURES:
                     pass  # the original failure is the one to report
             raise

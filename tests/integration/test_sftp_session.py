@@ -69,6 +69,7 @@ class CountingChannel(PipeChannel):
         self.sent, self.received = PacketTypes(), PacketTypes()
         self.unanswered_at_writes: list[int] = []
         self.turns: list[list[int]] = []  # the packet types sent between two waits for a reply
+        self._sending = False  # the last call was a send: the next send belongs to the same turn
 
     def send(self, data: bytes) -> int:
         written = super().send(data)
@@ -83,8 +84,6 @@ class CountingChannel(PipeChannel):
             self.turns.append(self.sent.types[sent_before:])
         self._sending = True
         return written
-
-    _sending = False
 
     def recv(self, size: int) -> bytes:
         self._sending = False

@@ -62,7 +62,6 @@ PRIVATE_METHODS = {
 def test_the_protocol_numbers_used_are_there_with_their_values():
     for name, value in PROTOCOL_NUMBERS.items():
         assert getattr(paramiko.sftp, name, None) == value, changed(f"paramiko.sftp.{name} is not {value}")
-    assert inspect.isclass(getattr(paramiko.sftp, "int64", None)), changed("paramiko.sftp.int64 is gone")
 
 
 def parameters(function) -> list[str]:
